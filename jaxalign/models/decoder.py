@@ -1,0 +1,322 @@
+"""One decoder for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) and GPT-NeoX (Pythia).
+
+Layer weights are stacked along a leading ``layers`` axis and the forward pass is a ``lax.scan`` over them: compile
+time does not grow with depth (a 32-layer 7B step compiles as fast as a 2-layer one), rematerialisation is one
+``jax.checkpoint`` around the scanned body, and the KV cache is scanned alongside.
+
+The NNX module :class:`Decoder` holds the parameters; :func:`forward` is the pure function it calls, usable directly
+with a parameter dict inside jitted train and sampling steps.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models.config import ModelConfig
+from jaxalign.sharding import constrain
+
+# Logical axes of every parameter (see jaxalign.sharding.RULES). Names are the keys of the param dict.
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "final_norm_bias": ("embed",),
+    "attn_norm": ("layers", "embed"),
+    "attn_norm_bias": ("layers", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "mlp_norm_bias": ("layers", "embed"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "bq": ("layers", "heads", "head_dim"),
+    "bk": ("layers", "kv_heads", "head_dim"),
+    "bv": ("layers", "kv_heads", "head_dim"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "bo": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "b_gate": ("layers", "mlp"),
+    "b_up": ("layers", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+    "b_down": ("layers", "embed"),
+}
+TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias")
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked (padding) row gives no NaN
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of ``cfg`` (the layer-stacked layout)."""
+    L, H, F, N, K, D, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_dim, cfg.vocab_size)
+    s: dict[str, tuple[int, ...]] = {
+        "embed": (V, H), "final_norm": (H,), "attn_norm": (L, H), "mlp_norm": (L, H),
+        "wq": (L, H, N, D), "wk": (L, H, K, D), "wv": (L, H, K, D), "wo": (L, N, D, H),
+        "w_up": (L, H, F), "w_down": (L, F, H),
+    }
+    if not cfg.tie_word_embeddings:
+        s["lm_head"] = (H, V)
+    if cfg.family == "neox":
+        s.update(final_norm_bias=(H,), attn_norm_bias=(L, H), mlp_norm_bias=(L, H))
+    else:
+        s["w_gate"] = (L, H, F)
+    if cfg.qkv_bias:
+        s.update(bq=(L, N, D), bk=(L, K, D), bv=(L, K, D))
+    if cfg.o_bias:
+        s["bo"] = (L, H)
+    if cfg.mlp_bias:
+        s.update(b_up=(L, F), b_down=(L, H))
+        if cfg.family != "neox":
+            s["b_gate"] = (L, F)
+    if cfg.qk_norm:
+        s.update(q_norm=(L, D), k_norm=(L, D))
+    return s
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict[str, jax.Array]:
+    """Random init as transformers does it (normal(0, std) matrices, ones for norm scales, zeros for biases)."""
+    shapes = param_shapes(cfg)
+    keys = dict(zip(sorted(shapes), jax.random.split(key, len(shapes))))
+    dtype = jnp.dtype(cfg.param_dtype)
+    out = {}
+    for name, shape in shapes.items():
+        if name in ("final_norm", "attn_norm", "mlp_norm", "q_norm", "k_norm"):
+            out[name] = jnp.ones(shape, dtype)
+        elif name.startswith("b") or name.endswith("_bias"):
+            out[name] = jnp.zeros(shape, dtype)
+        else:
+            out[name] = (std * jax.random.normal(keys[name], shape, jnp.float32)).astype(dtype)
+    return out
+
+
+class KVCache(NamedTuple):
+    """Keys and values for every layer: ``[layers, batch, cache_length, kv_heads, head_dim]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dt = jnp.dtype(dtype or cfg.dtype)
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+# ---- building blocks ---------------------------------------------------------------------------------------------
+
+def _rms_norm(x, scale, eps):
+    # transformers: normalise in float32, cast back, then multiply by the weight
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _layer_norm(x, scale, bias, eps):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _activation(name: str, x):
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _rope(x, positions, inv_freq, rotary_dim):
+    """Rotate the first ``rotary_dim`` features of each head (rotate-half convention, as transformers)."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rot/2]
+    emb = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return jnp.concatenate([x_rot, x_pass], axis=-1) if x_pass.shape[-1] else x_rot
+
+
+def _attention(q, k, v, mask, dtype):
+    """q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,N,D]. GQA by grouping query heads per KV head."""
+    b, t, n, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d).astype(np.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+def _mask(q_idx, kv_idx, kv_valid, window, q_seg=None, kv_seg=None):
+    """Causal mask on slot indices (index gaps equal position gaps for contiguous rows), padding and sliding window."""
+    m = (kv_idx[None, None, :] <= q_idx[None, :, None]) & kv_valid[:, None, :]
+    m = m & (q_idx[None, :, None] - kv_idx[None, None, :] < window)
+    if q_seg is not None:
+        m = m & (q_seg[:, :, None] == kv_seg[:, None, :])
+    return m
+
+
+def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, seg, cache_kv, cache_index):
+    dt = jnp.dtype(cfg.dtype)
+    c = lambda name: p[name].astype(dt)  # noqa: E731 - fp32 master weights, compute in cfg.dtype
+
+    if cfg.family == "neox":
+        h = _layer_norm(x, p["attn_norm"], p["attn_norm_bias"], cfg.norm_eps)
+    else:
+        h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("bth,hnd->btnd", h, c("wq"))
+    k = jnp.einsum("bth,hkd->btkd", h, c("wk"))
+    v = jnp.einsum("bth,hkd->btkd", h, c("wv"))
+    if cfg.qkv_bias:
+        q, k, v = q + c("bq"), k + c("bk"), v + c("bv")
+    if cfg.qk_norm:
+        q = _rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = _rms_norm(k, p["k_norm"], cfg.norm_eps)
+    q = _rope(q, positions, inv_freq, cfg.rotary_dim)
+    k = _rope(k, positions, inv_freq, cfg.rotary_dim)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+
+    new_cache = None
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        new_cache = (ck, cv)
+        k, v = ck.astype(dt), cv.astype(dt)
+    mask = _mask(q_idx, kv_idx, kv_valid, window, seg, seg)
+    attn = _attention(q, k, v, mask, dt)
+    attn = jnp.einsum("btnd,ndh->bth", attn, c("wo"))
+    if cfg.o_bias:
+        attn = attn + c("bo")
+
+    def mlp(y):
+        up = jnp.einsum("bth,hf->btf", y, c("w_up"))
+        if cfg.mlp_bias:
+            up = up + c("b_up")
+        if cfg.family == "neox":
+            act = _activation(cfg.activation, up)
+        else:
+            gate = jnp.einsum("bth,hf->btf", y, c("w_gate"))
+            if cfg.mlp_bias:
+                gate = gate + c("b_gate")
+            act = _activation(cfg.activation, gate) * up
+        act = constrain(act, ("batch", "length", "mlp"))
+        out = jnp.einsum("btf,fh->bth", act, c("w_down"))
+        return out + c("b_down") if cfg.mlp_bias else out
+
+    if cfg.family == "neox":
+        if cfg.parallel_residual:
+            x = x + attn + mlp(_layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps))
+        else:
+            x = x + attn
+            x = x + mlp(_layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps))
+    else:
+        x = x + attn
+        x = x + mlp(_rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+    return constrain(x, ("batch", "length", "embed")), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def forward(
+    params: dict[str, jax.Array],
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int | None = None,
+    kv_mask: jax.Array | None = None,
+    return_hidden: bool = False,
+):
+    """Logits ``[B, T, V]`` (or final hidden states ``[B, T, H]`` with ``return_hidden``) for ``input_ids [B, T]``.
+
+    - ``attention_mask [B, T]``: 1 for real tokens, 0 for padding (left or right). Positions default to the running count
+      of real tokens, so a left-padded row gives the same logits as the unpadded row.
+    - ``segment_ids [B, T]``: packed documents attend only within their segment (pass ``positions`` restarting per doc).
+    - ``cache``: decoding. The new tokens are written at slots ``cache_index .. cache_index + T - 1`` of the cache and
+      attend to every earlier slot whose ``kv_mask [B, S]`` entry is true. Returns ``(logits, new_cache)``.
+    """
+    b, t = input_ids.shape
+    dt = jnp.dtype(cfg.dtype)
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    if cache is None:
+        q_idx = kv_idx = jnp.arange(t)
+        kv_valid = attention_mask
+        cache_index = 0
+    else:
+        q_idx = cache_index + jnp.arange(t)
+        kv_idx = jnp.arange(cache.k.shape[2])
+        kv_valid = kv_mask.astype(jnp.bool_)
+    inv_freq = jnp.asarray(cfg.inv_freq(), jnp.float32)
+    big = np.iinfo(np.int32).max
+    windows = jnp.asarray([w if w else big for w in (cfg.sliding_windows or (None,) * cfg.num_layers)], jnp.int32)
+
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
+    x = constrain(x, ("batch", "length", "embed"))
+    layer_params = {k: v for k, v in params.items() if k not in TOP_LEVEL}
+
+    def body(x, xs):
+        p, window, cache_kv = xs
+        return _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids, cache_kv,
+                      cache_index)
+
+    if cfg.remat != "none":
+        if cfg.remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={cfg.remat!r}; choose one of none, {', '.join(_REMAT_POLICIES)}")
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    cache_xs = None if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, (layer_params, windows, cache_xs))
+
+    if cfg.family == "neox":
+        x = _layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
+    else:
+        x = _rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if return_hidden:
+        out = x
+    else:
+        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+        out = jnp.einsum("bth,hv->btv", x, head.astype(dt))
+        out = constrain(out, ("batch", "length", "vocab"))
+    if cache is None:
+        return out
+    return out, KVCache(*new_kv)
+
+
+class Decoder(nnx.Module):
+    """A causal LM. ``model(input_ids, **kw)`` returns logits; see :func:`forward` for the keyword arguments."""
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array] | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        if params is None:
+            params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+        self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
+
+    def param_dict(self) -> dict[str, jax.Array]:
+        return {k: v[...] for k, v in self.params.items()}
+
+    def __call__(self, input_ids, **kw):
+        return forward(self.param_dict(), self.cfg, input_ids, **kw)
+
+
+def logical_axes(params: dict[str, Any]) -> dict[str, tuple[str | None, ...]]:
+    return {k: LOGICAL_AXES[k] for k in params}

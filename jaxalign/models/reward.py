@@ -1,0 +1,77 @@
+"""A scalar reward head on the decoder backbone, read from and written as ``AutoModelForSequenceClassification``.
+
+The reward of a sequence is ``score . h_last`` where ``h_last`` is the final (normed) hidden state of its last
+non-padding token — the same token transformers' sequence-classification heads pool.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models.config import ModelConfig, load_config
+from jaxalign.models.decoder import forward, init_params
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the rightmost real token of each row (works for left and right padding)."""
+    t = attention_mask.shape[1]
+    return t - 1 - jnp.argmax(jnp.flip(attention_mask.astype(jnp.int32), axis=1), axis=1)
+
+
+def reward_forward(params, cfg: ModelConfig, input_ids, *, attention_mask=None, **kw) -> jax.Array:
+    """Scalar rewards ``[B]`` (float32)."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+    hidden = forward(params, cfg, input_ids, attention_mask=attention_mask, return_hidden=True, **kw)
+    last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
+    return jnp.einsum("bh,h->b", last.astype(jnp.float32), params["score"].astype(jnp.float32))
+
+
+def init_score(cfg: ModelConfig, key: jax.Array) -> jax.Array:
+    # std 1/sqrt(H+1), as the IRL authors' reward-model code initialises the value head
+    return (jax.random.normal(key, (cfg.hidden_size,), jnp.float32) / np.sqrt(cfg.hidden_size + 1)).astype(
+        jnp.dtype(cfg.param_dtype))
+
+
+class RewardModel(nnx.Module):
+    """``rm(input_ids, attention_mask=...)`` returns rewards ``[B]``."""
+
+    def __init__(self, cfg: ModelConfig, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        if params is None:
+            key = (rngs or nnx.Rngs(0)).params()
+            params = init_params(cfg, key)
+            params.pop("lm_head", None)
+            params["score"] = init_score(cfg, jax.random.fold_in(key, 1))
+        self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
+
+    def param_dict(self):
+        return {k: v[...] for k, v in self.params.items()}
+
+    def __call__(self, input_ids, **kw):
+        return reward_forward(self.param_dict(), self.cfg, input_ids, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, mesh=None, seed: int = 0, **overrides) -> "RewardModel":
+        """From a sequence-classification checkpoint, or from a causal LM backbone with a freshly initialised head."""
+        from jaxalign.models.hf_io import _Checkpoint, _resolve_folder, read_params
+        from jaxalign.sharding import named_sharding
+
+        folder = _resolve_folder(path)
+        cfg = load_config(folder, **{k: v for k, v in overrides.items() if v is not None})
+        params = read_params(folder, cfg, mesh=mesh, include_lm_head=False)
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            score = _Checkpoint(folder).get("score.weight", (1, cfg.hidden_size)).reshape(-1)
+        else:
+            score = np.asarray(init_score(cfg, jax.random.PRNGKey(seed)))
+        score = jnp.asarray(score, jnp.dtype(cfg.param_dtype))
+        if mesh is not None:
+            score = jax.device_put(score, named_sharding(("embed",), score.shape, mesh))
+        params["score"] = score
+        return cls(cfg, params)
