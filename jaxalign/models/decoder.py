@@ -45,8 +45,9 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "b_up": ("layers", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
     "b_down": ("layers", "embed"),
+    "score": ("embed",),  # the reward head (jaxalign.models.reward)
 }
-TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias")
+TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias", "score")
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked (padding) row gives no NaN
 
 

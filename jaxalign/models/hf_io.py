@@ -334,7 +334,7 @@ def _iter_hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array], with_lm_hea
     pre = _prefix(cfg)
     for name, hf in _top_names(cfg).items():
         yield hf, np.asarray(jax.device_get(params[name]))
-    layer_names = [k for k in params if k not in TOP_LEVEL and k != "score"]
+    layer_names = [k for k in params if k not in TOP_LEVEL]
     for i in range(cfg.num_layers):
         layer = {k: np.asarray(jax.device_get(params[k][i])) for k in layer_names}
         for suffix, t in _layer_to_hf(cfg, layer).items():
@@ -367,6 +367,7 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any], tensors: Iterat
         size = 0
 
     for name, t in tensors:
+        t = np.ascontiguousarray(t)  # safetensors writes the raw buffer: a transposed view would be saved scrambled
         nbytes = t.nbytes
         if shards[0] and size + nbytes > max_shard_bytes:
             flush(False)
