@@ -1,0 +1,46 @@
+"""Alignment losses as pure functions of arrays: SFT, Bradley-Terry / IRL rewards, the DPO family, SimPO, DIL, AfD.
+
+Imports nothing but jax and numpy, so other JAX code can use it alone. Every loss takes per-sequence (or per-token)
+log-probabilities or rewards, computes in float32 whatever the input dtype, works under ``jit`` / ``vmap`` / ``grad``,
+and returns ``(batch-mean loss, metrics)`` with TRL's metric names. Formulas, papers and the reference code each
+matches: docs/losses.md and each function's docstring.
+
+- `logprobs`: `token_logprobs`, `sequence_logprobs` (sum | mean)
+- `sft`: `sft_loss`
+- `reward`: `bradley_terry_loss`, `afd_discriminator_loss`
+- `preference`: `dpo_loss` (sigmoid / cDPO, ipo, hinge, robust), `simpo_loss`
+- `dil`: `dil_loss` (lsif, ukl, bce, lsif_ref_free)
+- `kl`: `sequence_kl` (Schulman's k1 / k2 / k3, entropy)
+- `pairs`: `PAIR_RULES` (max_min, max_random)
+- `registry`: `OBJECTIVES`, `get_objective("dpo" | "ipo" | "dil_lsif" | "simpo" | ...)`
+"""
+from jaxalign.losses.dil import DIL_VARIANTS, dil_loss
+from jaxalign.losses.kl import sequence_kl
+from jaxalign.losses.logprobs import sequence_logprobs, token_logprobs, token_logprobs_and_top1
+from jaxalign.losses.pairs import PAIR_RULES, max_min, max_random
+from jaxalign.losses.preference import DPO_VARIANTS, dpo_loss, preference_metrics, simpo_loss
+from jaxalign.losses.registry import OBJECTIVES, Objective, get_objective
+from jaxalign.losses.reward import afd_discriminator_loss, bradley_terry_loss
+from jaxalign.losses.sft import sft_loss
+
+__all__ = [
+    "DIL_VARIANTS",
+    "DPO_VARIANTS",
+    "OBJECTIVES",
+    "Objective",
+    "PAIR_RULES",
+    "afd_discriminator_loss",
+    "bradley_terry_loss",
+    "dil_loss",
+    "dpo_loss",
+    "get_objective",
+    "max_min",
+    "max_random",
+    "preference_metrics",
+    "sequence_kl",
+    "sequence_logprobs",
+    "sft_loss",
+    "simpo_loss",
+    "token_logprobs",
+    "token_logprobs_and_top1",
+]
