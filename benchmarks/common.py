@@ -1,0 +1,65 @@
+"""Shared pieces of the CPU benchmarks: the model sizes, the measured matmul peak, timing, and table printing."""
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxalign.models import ModelConfig  # noqa: E402
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """The CPU demo's size: small vocabulary, two layers."""
+    base = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, max_position_embeddings=512, sliding_windows=(None,) * 2,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def config_100m(**kw) -> ModelConfig:
+    """~110M parameters (GPT-2-small-like Llama): 12 layers, hidden 768, vocab 32000."""
+    base = dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
+                num_heads=12, num_kv_heads=12, head_dim=64, max_position_embeddings=2048,
+                sliding_windows=(None,) * 12, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """This CPU's float32 matmul FLOP/s, measured with one large jnp.dot (the roofline the tables compare to)."""
+    a = jnp.asarray(np.random.RandomState(0).randn(n, n).astype(np.float32))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def best_time(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:,.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")

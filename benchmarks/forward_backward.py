@@ -1,0 +1,100 @@
+"""Forward and forward+backward tokens/s: jaxalign vs transformers-PyTorch eager on the same weights and batch (CPU).
+
+    python benchmarks/forward_backward.py            # tiny (demo size) and ~100M configs
+    python benchmarks/forward_backward.py --sizes tiny
+
+Both sides compute the same thing: logits of a [B, T] batch, and for the backward pass the mean next-token NLL and its
+gradient with respect to every parameter. Each jaxalign figure is also shown as a fraction of this CPU's float32 matmul
+peak (one large jnp.dot timed in the same run), using the MFU formula of jaxalign.flops.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from common import best_time, config_100m, matmul_peak, print_table, tiny_config
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.flops import flops_per_token
+from jaxalign.losses import token_logprobs
+from jaxalign.models import Decoder, forward, save_pretrained
+
+
+def jax_fns(cfg):
+    def loss(params, ids):
+        logits = forward(params, cfg, ids[:, :-1])
+        return -jnp.mean(token_logprobs(logits, ids[:, 1:]))
+
+    fwd = jax.jit(lambda p, ids: forward(p, cfg, ids))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss))
+    return fwd, fwd_bwd
+
+
+def torch_fns(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    def fwd(ids):
+        with torch.no_grad():
+            return model(ids).logits
+
+    def fwd_bwd(ids):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss
+
+    return fwd, fwd_bwd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,100m")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.manual_seed(0)
+    peak = matmul_peak()
+    print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, torch threads {torch.get_num_threads()}; "
+          f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    shapes = {"tiny": (tiny_config(), 8, 128), "100m": (config_100m(), 4, 256)}
+    rows = []
+    for size in args.sizes.split(","):
+        cfg, b, t = shapes[size]
+        model = Decoder(cfg, rngs=nnx.Rngs(0))
+        params = model.param_dict()
+        ids_np = np.random.RandomState(0).randint(3, cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
+        ids = jnp.asarray(ids_np)
+        with tempfile.TemporaryDirectory() as d:
+            save_pretrained(model, d)
+            t_fwd, t_fwd_bwd = torch_fns(d)
+        tids = torch.tensor(ids_np, dtype=torch.long)
+        fwd, fwd_bwd = jax_fns(cfg)
+        reps = args.reps if size != "tiny" else 5 * args.reps
+        j_f = best_time(lambda: fwd(params, ids[:, :-1]).block_until_ready(), reps)
+        j_fb = best_time(lambda: jax.block_until_ready(fwd_bwd(params, ids)), reps)
+        p_f = best_time(lambda: t_fwd(tids[:, :-1]), reps)
+        p_fb = best_time(lambda: t_fwd_bwd(tids), reps)
+        n_tok = b * t
+        for name, jt, pt, back in (("forward", j_f, p_f, False), ("forward+backward", j_fb, p_fb, True)):
+            j_tps, p_tps = n_tok / jt, n_tok / pt
+            frac = j_tps * flops_per_token(cfg, t, backward=back) / peak
+            p_frac = p_tps * flops_per_token(cfg, t, backward=back) / peak
+            rows.append([f"{size} ({cfg.num_params() / 1e6:.1f}M, B={b} T={t})", name, f"{j_tps:,.0f}",
+                         f"{p_tps:,.0f}", f"{j_tps / p_tps:.2f}x", f"{100 * frac:.0f}%", f"{100 * p_frac:.0f}%"])
+    print_table("forward / backward throughput (float32, CPU)",
+                ["config", "pass", "jaxalign tok/s", "PyTorch tok/s", "ratio", "jaxalign % of matmul peak",
+                 "PyTorch % of peak"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Metrics out: tensorboardX scalars with TRL's names, a JSON-lines log the report plots from, and a progress bar.
+
+Tags are ``train/<name>`` and ``eval/<name>`` with TRL's names (``loss``, ``grad_norm``, ``learning_rate``,
+``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` ...) so curves overlay runs made with TRL. Each phase
+writes into its own tensorboard run directory. Only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, logdir: str | Path, *, total_steps: int, desc: str, show_progress: bool = True,
+                 initial_step: int = 0):
+        self.logdir = Path(logdir)
+        self.main = jax.process_index() == 0
+        self.tb = None
+        self.bar = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(str(self.logdir), flush_secs=10)
+            self.jsonl = open(self.logdir / "metrics.jsonl", "a")
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, leave=True)
+
+    def log(self, step: int, metrics: dict[str, Any], *, prefix: str = "train", advance: int = 0) -> None:
+        if not self.main:
+            return
+        flat = {k: float(v) for k, v in metrics.items()}
+        for k, v in flat.items():
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
+        if self.bar is not None:
+            if advance:
+                self.bar.update(advance)
+            shown = {k: flat[k] for k in ("loss", "rewards/accuracies", "grad_norm", "tokens_per_second") if k in flat}
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.close()
+        self.jsonl.close()
+
+
+def read_metrics(logdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(logdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

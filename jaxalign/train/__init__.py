@@ -1,0 +1,1 @@
+"""Training: optimizers, the train state, jitted sharded steps, the resumable phase loop."""

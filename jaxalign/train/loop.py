@@ -1,0 +1,141 @@
+"""The loop every training phase runs: resume, step, log, checkpoint, and stop cleanly on preemption or a bad step.
+
+- Resume: if the phase directory holds a committed checkpoint, the state and the data iterator are restored from it,
+  so the resumed run sees exactly the batches the uninterrupted one would have (bit-exact on CPU).
+- Preemption: SIGTERM / SIGINT set a flag; at the next step boundary every process agrees (an all-gather, not a file)
+  and saves the same step, then the loop raises :class:`Preempted` (the launcher exits with ``EXIT_PREEMPTED``).
+- Non-finite loss or gradient norm: the step itself left the state unchanged; the loop stops with a diagnostic naming
+  the step, the metric and the batch's row ids (:class:`NonFiniteError`), or with ``skip_nonfinite`` counts and goes on.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from jaxalign import sharding
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — re-running the same command resumes
+
+
+class Preempted(Exception):
+    def __init__(self, phase: str, step: int):
+        super().__init__(f"phase {phase!r} stopped by a signal at step {step} after saving a checkpoint; "
+                         f"resume with the same command.")
+        self.step = step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGINT into a flag checked at step boundaries (a second SIGINT interrupts at once)."""
+
+    def __init__(self):
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self) -> bool:
+        """True on every process if any process got a signal (a collective, so all stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.asarray(multihost_utils.process_allgather(np.asarray([self.flag], np.int32))).any())
+
+
+def run_loop(
+    *,
+    phase: str,
+    state: Any,
+    step_fn: Callable,
+    dataset: Iterable,
+    total_steps: int,
+    mesh,
+    checkpointer,
+    writer,
+    save_every: int,
+    skip_nonfinite: bool = False,
+    extra_args: tuple = (),
+    flops_fn: Callable[[int], float] | None = None,
+    peak_flops: float | None = None,
+    counters: dict[str, int] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Any:
+    """Train ``state`` for ``total_steps`` steps of ``step_fn`` over ``dataset`` (a grain IterDataset)."""
+    counters = counters if counters is not None else {}
+    it = iter(dataset)
+    start = 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, _ = checkpointer.restore(latest, state, it)
+        start = latest
+    if checkpointer.ignored:
+        print(f"[{phase}] ignored partially written checkpoint(s) {checkpointer.ignored} (a save was interrupted).")
+    step = start
+    with PreemptionGuard() as guard:
+        while step < total_steps:
+            try:
+                host_batch = next(it)
+            except StopIteration:
+                print(f"[{phase}] data ran out at step {step} of {total_steps}; finishing the phase here.")
+                break
+            t0 = time.perf_counter()
+            batch = sharding.shard_batch({k: v for k, v in host_batch.items() if k != "row_id"}, mesh)
+            state, metrics = step_fn(state, batch, *extra_args)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            step += 1
+            if metrics.pop("nonfinite"):
+                rows = np.asarray(host_batch.get("row_id", [])).ravel().tolist()
+                bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics.get(k, 0.0))]
+                msg = (f"[{phase}] step {step}: {', '.join(bad) or 'loss'} is not finite "
+                       f"({', '.join(f'{k}={metrics.get(k)}' for k in ('loss', 'grad_norm'))}); batch row ids "
+                       f"{sorted(set(r for r in rows if r >= 0))[:32]}.")
+                if not skip_nonfinite:
+                    checkpointer.wait()
+                    raise NonFiniteError(msg + f" The state was not updated; the last good checkpoint is step "
+                                               f"{checkpointer.latest_step()}. Set skip_nonfinite=true to skip such "
+                                               f"steps, or lower the learning rate.")
+                counters["nonfinite_steps_skipped"] = counters.get("nonfinite_steps_skipped", 0) + 1
+                print(msg + " Skipped (skip_nonfinite).")
+            tokens = float(np.sum(host_batch["attention_mask"])) if "attention_mask" in host_batch else float(
+                np.sum(host_batch.get("chosen_attention_mask", 0)) + np.sum(host_batch.get("rejected_attention_mask", 0)))
+            metrics["tokens_per_second"] = tokens / dt
+            if flops_fn is not None and peak_flops:
+                seq = next(v.shape[1] for k, v in host_batch.items() if k.endswith("input_ids"))
+                metrics["mfu"] = tokens * flops_fn(seq) / dt / (peak_flops * len(mesh.devices.flat))
+            writer.log(step, metrics, advance=1)
+            if on_step is not None:
+                on_step(step)
+            stop = guard.agreed()
+            if stop or step % save_every == 0 or step == total_steps:
+                checkpointer.save(step, state, it, {"phase": phase, "step": step}, force=stop)
+            if stop:
+                checkpointer.wait()
+                raise Preempted(phase, step)
+    if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, it, {"phase": phase, "step": step}, force=True)
+    checkpointer.wait()
+    return state

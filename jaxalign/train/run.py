@@ -1,0 +1,98 @@
+"""One training phase end to end: examples -> grain batches -> sharded steps -> orbax checkpoints -> final params.
+
+The pipeline's sft / reward / policy phases and the tests all call :func:`train`; a phase directory holds
+``checkpoints/`` (orbax, resumable) and ``tb/`` (tensorboard events + metrics.jsonl).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+from jaxalign.checkpoint import PhaseCheckpointer
+from jaxalign.data.loader import pair_dataset, sft_dataset, total_batches
+from jaxalign.flops import device_peak_flops, flops_per_token
+from jaxalign.metrics import MetricsWriter
+from jaxalign.models.config import ModelConfig
+from jaxalign.train.loop import run_loop
+from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.state import create_state
+from jaxalign.train.steps import StepConfig, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSettings:
+    global_batch_size: int = 8
+    num_epochs: int = 1
+    max_steps: int = 0  # 0 = as many as the epochs give
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+    skip_nonfinite: bool = False
+    pack: bool = False
+    show_progress: bool = True
+
+
+def phase_steps(num_examples: int, s: PhaseSettings) -> int:
+    n = total_batches(num_examples, s.global_batch_size, s.num_epochs)
+    return min(n, s.max_steps) if s.max_steps else n
+
+
+def make_dataset(kind: str, examples: Sequence[dict], s: PhaseSettings, *, pad_id: int, buckets: Sequence[int]):
+    common = dict(global_batch_size=s.global_batch_size, pad_id=pad_id, buckets=buckets, seed=s.seed,
+                  num_epochs=s.num_epochs)
+    if kind == "sft":
+        return sft_dataset(examples, pack=s.pack, **common)
+    return pair_dataset(examples, **common)
+
+
+def train(
+    *,
+    kind: str,
+    cfg: ModelConfig,
+    params: dict[str, jax.Array],
+    examples: Sequence[dict],
+    phase_dir: str | Path,
+    mesh,
+    step_cfg: StepConfig,
+    optim: OptimConfig,
+    settings: PhaseSettings,
+    pad_id: int,
+    buckets: Sequence[int],
+    ref_params: dict[str, jax.Array] | None = None,
+    counters: dict[str, int] | None = None,
+    on_step=None,
+    name: str | None = None,
+) -> dict[str, jax.Array]:
+    """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save."""
+    phase_dir = Path(phase_dir)
+    name = name or phase_dir.name
+    total = phase_steps(len(examples), settings)
+    optimizer, schedule = make_optimizer(optim, total)
+    state = create_state(params, optimizer, mesh)
+    dataset = make_dataset(kind, examples, settings, pad_id=pad_id, buckets=buckets)
+    example = {k: v for k, v in next(iter(dataset)).items() if k != "row_id"}
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = make_train_step(cfg, step_cfg, optimizer, schedule, mesh, state_sharding, example,
+                              ref_params if step_cfg.kind == "preference" and step_cfg.reference == "params" else None)
+    extra: tuple[Any, ...] = ()
+    if step_cfg.kind == "preference" and step_cfg.reference == "params":
+        extra = (ref_params,)
+    checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=settings.keep_checkpoints,
+                                     async_save=settings.async_checkpointing)
+    start = checkpointer.latest_step() or 0
+    writer = MetricsWriter(phase_dir / "tb", total_steps=total, desc=name, show_progress=settings.show_progress,
+                           initial_step=start)
+    backward_flops = lambda t: flops_per_token(cfg, t)  # noqa: E731
+    try:
+        state = run_loop(phase=name, state=state, step_fn=step_fn, dataset=dataset, total_steps=total, mesh=mesh,
+                         checkpointer=checkpointer, writer=writer, save_every=settings.save_every,
+                         skip_nonfinite=settings.skip_nonfinite, extra_args=extra, flops_fn=backward_flops,
+                         peak_flops=device_peak_flops(), counters=counters, on_step=on_step)
+    finally:
+        writer.close()
+        checkpointer.close()
+    return state.params

@@ -1,0 +1,48 @@
+"""The train state (step, params, optimizer state) and its placement on the mesh."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxalign import sharding
+from jaxalign.models.decoder import LOGICAL_AXES
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: dict[str, jax.Array]
+    opt_state: Any
+
+
+def param_shardings(params: dict[str, Any], mesh) -> dict[str, NamedSharding]:
+    return {k: sharding.named_sharding(LOGICAL_AXES[k], v.shape, mesh) for k, v in params.items()}
+
+
+def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+    """Shardings for a state: params by their logical axes; optimizer moments like the param they belong to."""
+    p_shard = param_shardings(abstract_state.params, mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def for_opt_leaf(path, leaf):
+        # optax moments (mu, nu, ...) hold one dict keyed like params; find the param name on the path
+        for entry in reversed(path):
+            key = getattr(entry, "key", None)
+            if isinstance(key, str) and key in p_shard and tuple(leaf.shape) == tuple(abstract_state.params[key].shape):
+                return p_shard[key]
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract_state.opt_state)
+    return TrainState(replicated, p_shard, opt)
+
+
+def create_state(params: dict[str, jax.Array], optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """A fresh state with params placed by their logical axes and optimizer state initialised in place (sharded)."""
+    abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
+    shardings = state_shardings(abstract, mesh)
+    params = jax.device_put(params, shardings.params)
+    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), out_shardings=shardings)
+    return init(params)

@@ -1,0 +1,187 @@
+"""Jitted, sharded train steps: SFT, reward (Bradley-Terry), and preference (any registered objective).
+
+Each step is a pure function ``(state, batch[, ref_params]) -> (state, metrics)`` compiled once with explicit in/out
+shardings over the mesh. Gradient accumulation runs the micro-batches in a ``lax.scan`` inside the step (one optimizer
+update per step, summed gradients), so ``k`` micro-batches equal one batch ``k`` times larger. A step whose loss or
+gradient norm is not finite leaves params and optimizer state unchanged and reports ``nonfinite = 1``; the loop decides
+whether to stop or to skip (and count) it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxalign import sharding
+from jaxalign.losses import (bradley_terry_loss, get_objective, sequence_logprobs, token_logprobs)
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.decoder import forward
+from jaxalign.models.reward import reward_forward
+from jaxalign.train.state import TrainState, param_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    kind: str  # "sft" | "reward" | "preference"
+    accum_steps: int = 1
+    objective: str = "dpo"  # preference: a name in jaxalign.losses.OBJECTIVES
+    objective_args: tuple = ()  # preference: (name, value) hyper-parameter overrides
+    margin: float = 0.0  # reward
+    center_coef: float = 0.0  # reward
+    reference: str = "params"  # preference: "params" (frozen tree evaluated in-step) | "precomputed" | "none"
+
+
+# ---- losses on a batch ------------------------------------------------------------------------------------------
+
+def _seq_logps(params, cfg: ModelConfig, ids, attn, loss_mask, reduce):
+    logits = forward(params, cfg, ids[:, :-1], attention_mask=attn[:, :-1])
+    tok = token_logprobs(logits, ids[:, 1:])
+    return sequence_logprobs(tok, loss_mask[:, 1:], reduce=reduce)
+
+
+def _concat_pairs(batch):
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)  # noqa: E731
+    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+
+
+def sft_loss_fn(params, cfg, batch, normalizer):
+    """Sum of masked next-token NLL over the micro-batch divided by the whole batch's token count."""
+    seg = batch["segment_ids"][:, :-1] if "segment_ids" in batch else None  # packed rows
+    pos = batch["positions"][:, :-1] if "positions" in batch else None
+    logits = forward(params, cfg, batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1],
+                     segment_ids=seg, positions=pos)
+    tok = token_logprobs(logits, batch["input_ids"][:, 1:])
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    nll = -jnp.sum(tok * mask)
+    return nll / normalizer, {"loss": nll / normalizer}
+
+
+def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
+    ids, attn, _ = _concat_pairs(batch)
+    rewards = reward_forward(params, cfg, ids, attention_mask=attn)
+    b = batch["chosen_input_ids"].shape[0]
+    loss, metrics = bradley_terry_loss(rewards[:b], rewards[b:], margin=step_cfg.margin,
+                                       center_coef=step_cfg.center_coef)
+    return loss, {"loss": loss, **metrics}
+
+
+def preference_loss_fn(params, cfg, batch, step_cfg: StepConfig, ref_params=None):
+    loss_fn, objective = get_objective(step_cfg.objective, **dict(step_cfg.objective_args))
+    ids, attn, mask = _concat_pairs(batch)
+    b = batch["chosen_input_ids"].shape[0]
+    logps = _seq_logps(params, cfg, ids, attn, mask, objective.reduce)
+    if not objective.uses_reference or step_cfg.reference == "none":
+        ref_c = ref_r = jnp.zeros((b,), jnp.float32)
+    elif step_cfg.reference == "precomputed":
+        ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+        ref = jax.lax.stop_gradient(_seq_logps(ref_params, cfg, ids, attn, mask, objective.reduce))
+        ref_c, ref_r = ref[:b], ref[b:]
+    loss, metrics = loss_fn(logps[:b], logps[b:], ref_c, ref_r)
+    return loss, {"loss": loss, **metrics}
+
+
+# ---- the step ---------------------------------------------------------------------------------------------------
+
+def _split_micro(batch, k, mesh):
+    """[G, ...] -> [k, G/k, ...] taking rows strided so each micro-batch spreads over every batch shard."""
+    def split(x):
+        g = x.shape[0]
+        y = x.reshape(g // k, k, *x.shape[1:]).swapaxes(0, 1)
+        spec = sharding.batch_sharding(mesh, y.ndim - 1).spec
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *spec)))
+
+    return jax.tree.map(split, batch)
+
+
+def _token_count(batch, kind):
+    if kind == "sft":
+        return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
+    return jnp.asarray(1.0, jnp.float32)
+
+
+def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh, state_sharding: TrainState, batch_example: dict[str, Any],
+                    ref_params_example: dict | None = None) -> Callable:
+    """Compile-once step for ``state_sharding`` / the batch structure of ``batch_example`` (shapes may vary by bucket)."""
+    kind = step_cfg.kind
+    k = step_cfg.accum_steps
+
+    def loss_on(params, micro, normalizer, ref_params):
+        if kind == "sft":
+            return sft_loss_fn(params, cfg, micro, normalizer)
+        if kind == "reward":
+            return reward_loss_fn(params, cfg, micro, step_cfg)
+        if kind == "preference":
+            return preference_loss_fn(params, cfg, micro, step_cfg, ref_params)
+        raise ValueError(f"step kind {kind!r}; choose sft, reward or preference")
+
+    grad_fn = jax.value_and_grad(loss_on, has_aux=True)
+
+    def step(state: TrainState, batch, ref_params=None):
+        with sharding.activate(mesh):
+            normalizer = _token_count(batch, kind)
+            if k == 1:
+                (loss, metrics), grads = grad_fn(state.params, batch, normalizer, ref_params)
+            else:
+                micro = _split_micro(batch, k, mesh)
+
+                def body(acc, mb):
+                    (l, m), g = grad_fn(state.params, mb, normalizer, ref_params)
+                    return jax.tree.map(jnp.add, acc, (g, m)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
+                                                         normalizer, ref_params)[0][1])
+                m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+                (grads, msum), _ = jax.lax.scan(body, (zeros, m_zeros), micro)
+                if kind != "sft":  # sequence losses are batch means: average the micro means
+                    grads = jax.tree.map(lambda g: g / k, grads)
+                    metrics = jax.tree.map(lambda m: m / k, msum)
+                else:  # token-normalised by the whole batch already: sums are the full-batch values
+                    metrics = msum
+                loss = metrics["loss"]
+            grad_norm = optax.global_norm(grads)
+            updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_state = TrainState(state.step + finite.astype(jnp.int32), keep(new_params, state.params),
+                                   keep(new_opt, state.opt_state))
+            metrics = {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+            metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
+                           nonfinite=1.0 - finite.astype(jnp.float32))
+            return new_state, metrics
+
+    batch_shardings = {key: sharding.batch_sharding(mesh, v.ndim) for key, v in batch_example.items()}
+    replicated = NamedSharding(mesh, P())
+    in_shardings = [state_sharding, batch_shardings]
+    if ref_params_example is not None:
+        in_shardings.append(param_shardings(ref_params_example, mesh))
+    return jax.jit(step, in_shardings=tuple(in_shardings), out_shardings=(state_sharding, replicated),
+                   donate_argnums=(0,))
+
+
+def make_eval_logps(cfg: ModelConfig, reduce: str, mesh) -> Callable:
+    """Jitted ``(params, batch) -> (chosen_logps, rejected_logps)`` for reference precomputation and evaluation."""
+    def fn(params, batch):
+        with sharding.activate(mesh):
+            ids, attn, mask = _concat_pairs(batch)
+            lp = _seq_logps(params, cfg, ids, attn, mask, reduce)
+            b = batch["chosen_input_ids"].shape[0]
+            return lp[:b], lp[b:]
+
+    return jax.jit(fn)
+
+
+def make_eval_rewards(cfg: ModelConfig, mesh) -> Callable:
+    """Jitted ``(rm_params, input_ids, attention_mask) -> rewards [B]``."""
+    def fn(params, ids, attn):
+        with sharding.activate(mesh):
+            return reward_forward(params, cfg, ids, attention_mask=attn)
+
+    return jax.jit(fn)
