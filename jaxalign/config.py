@@ -1,0 +1,273 @@
+"""Experiment configs: one YAML file per recipe, typed by the dataclasses below, overridable as ``key=value``.
+
+    python launch/tpu_run.py --config ultrachat_dil policy.learning_rate=3e-7 mesh.fsdp=8
+
+Every key has a type and a default here; unknown keys are rejected with the closest valid names, values are parsed
+with YAML and checked against the field's type, and :func:`validate` checks the combination (phase order, paths)
+before anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ("sft", "irl", "dil", "dpo", "spin", "afd")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot work; the message names it and the valid choices."""
+
+
+@dataclasses.dataclass
+class Run:
+    name: str = "run"
+    method: str = "irl"  # sft | irl | dil | dpo | spin | afd
+    rounds: int = 2  # IRL / SPIN rounds
+    seed: int = 0
+    workdir: str = ""  # default runs/<name>
+    demo_task: bool = False  # build the self-generated demo task (tokenizer, tiny model, data) into the workdir
+    phases: str = ""  # a round's phase order, e.g. "sample,reward,policy,eval" (default: the method's)
+    show_progress: bool = True
+
+
+@dataclasses.dataclass
+class Model:
+    path: str = ""  # hub id or local folder (config.json + safetensors)
+    tokenizer: str = ""  # default: the model path
+    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
+    param_dtype: str = "float32"  # master weights
+    remat: str = "none"  # none | full | dots
+    reward_path: str = ""  # optional separate backbone for the reward model (default: the SFT model)
+
+
+@dataclasses.dataclass
+class Mesh:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class Dataset:
+    source: str = ""  # hub id or local json / jsonl / parquet
+    split: str = "train"
+    name: str = ""  # hub config name
+    format: str = "auto"
+    limit: int = 0  # 0 = all rows
+
+
+@dataclasses.dataclass
+class Data:
+    train: Dataset = dataclasses.field(default_factory=Dataset)  # demonstrations (or preference pairs for dil/dpo)
+    eval_prompts: Dataset = dataclasses.field(default_factory=Dataset)  # prompts for per-round answers / gold metric
+    eval_prefs: Dataset = dataclasses.field(default_factory=Dataset)  # held-out preference pairs for RM accuracy
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    chat_template: str = ""  # a named fallback ("zephyr", "chatml") for tokenizers without one
+    gold_metric: str = ""  # "demo" for the demo task's exact scorer
+
+
+@dataclasses.dataclass
+class Train:
+    """Shared by the sft / reward / policy sections."""
+
+    enabled: bool = True
+    learning_rate: float = 1e-5
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8  # global batch (sequences or pairs)
+    accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    save_every: int = 100
+    pack: bool = False
+
+
+@dataclasses.dataclass
+class Reward(Train):
+    margin: float = 0.0
+    center_coef: float = 0.0
+    reinit_each_round: bool = True  # the IRL authors re-initialise the RM from the SFT backbone every round
+    accumulate_pairs: bool = True  # train round k's RM on the (demo, sample) pairs of rounds 1..k
+
+
+@dataclasses.dataclass
+class Policy(Train):
+    objective: str = "dil_lsif"  # any name in jaxalign.losses.OBJECTIVES
+    beta: float = -1.0  # -1 = the objective's default
+    reduce: str = ""  # "" = the objective's default (sum for dpo, mean for dil / simpo / ipo)
+    reference: str = "sft"  # sft | previous (SPIN: the previous round's policy)
+    pairs: str = "best_of_n"  # best_of_n (RM-scored samples) | demo_vs_sample | dataset (given preference data)
+    pair_rule: str = "max_min"  # a name in jaxalign.losses.PAIR_RULES
+    num_samples: int = 4  # N for best_of_n
+
+
+@dataclasses.dataclass
+class Sample:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 0  # 0 = planned from memory
+    limit: int = 0  # prompts per round (0 = all training prompts)
+
+
+@dataclasses.dataclass
+class Eval:
+    num_prompts: int = 64
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    table_rows: int = 4
+
+
+@dataclasses.dataclass
+class Reliability:
+    skip_nonfinite: bool = False
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    run: Run = dataclasses.field(default_factory=Run)
+    model: Model = dataclasses.field(default_factory=Model)
+    mesh: Mesh = dataclasses.field(default_factory=Mesh)
+    data: Data = dataclasses.field(default_factory=Data)
+    sft: Train = dataclasses.field(default_factory=Train)
+    sample: Sample = dataclasses.field(default_factory=Sample)
+    reward: Reward = dataclasses.field(default_factory=Reward)
+    policy: Policy = dataclasses.field(default_factory=Policy)
+    eval: Eval = dataclasses.field(default_factory=Eval)
+    reliability: Reliability = dataclasses.field(default_factory=Reliability)
+
+
+# ---- building from YAML + overrides -----------------------------------------------------------------------------
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{where}: unknown config key {key!r}.{hint} Valid keys: {', '.join(valid_keys())}.")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp is str and value is None:
+        return ""
+    if not ok.get(tp, True):
+        raise ConfigError(f"{where}: {key}={value!r} should be of type {tp.__name__}.")
+    return float(value) if tp is float else value
+
+
+def _build(cls, raw: dict[str, Any], prefix: str, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: section {prefix.rstrip('.') or '(top)'} must be a mapping, got {raw!r}.")
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown(prefix + key, where)
+        tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", where)
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key, where)
+    return cls(**kwargs)
+
+
+def _set(raw: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    cls, node = Config, raw
+    for part in parts[:-1]:
+        fields = _fields(cls)
+        if part not in fields or not dataclasses.is_dataclass(fields[part]):
+            raise _unknown(dotted, where)
+        cls = fields[part]
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    fields = _fields(cls)
+    if parts[-1] not in fields:
+        raise _unknown(dotted, where)
+    if dataclasses.is_dataclass(fields[parts[-1]]):
+        raise ConfigError(f"{where}: {dotted} is a section; set one of its keys, e.g. "
+                          f"{dotted}.{next(iter(_fields(fields[parts[-1]])))}=...")
+    node[parts[-1]] = value
+
+
+def resolve_config_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for cand in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / name):
+        if cand.is_file():
+            return cand
+    available = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name!r} not found: neither a YAML file nor a name in {CONFIG_DIR}. "
+                      f"Available: {', '.join(available)}.")
+
+
+def load(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (a name in configs/ or a path) and apply ``key=value`` overrides."""
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...).")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. policy.learning_rate=5e-7).")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _set(raw, key.strip(), value, "command line")
+    cfg = _build(Config, raw, "", str(path))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def section_fingerprint(cfg: Config, *sections: str) -> str:
+    """A stable hash of the given sections: a finished phase is bound to the settings that produced it."""
+    import hashlib
+    import json
+
+    d = to_dict(cfg)
+    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

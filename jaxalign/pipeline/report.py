@@ -1,0 +1,164 @@
+"""``report.md`` with PNG plots, rewritten after every phase: people would rather look than read."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "answer_length")
+
+
+def _done(p) -> list[dict]:
+    out = []
+    for phase in p.phases:
+        f = p.phase_dir(phase) / "done.json"
+        if f.is_file():
+            out.append(json.loads(f.read_text()))
+    return out
+
+
+def round_table(p) -> list[dict[str, Any]]:
+    """One row per round (0 = SFT): eval metrics, the round's training metrics, tokens/s and time."""
+    rows: dict[int, dict[str, Any]] = {}
+    for info in _done(p):
+        r = rows.setdefault(info["round"], {"round": info["round"], "seconds": 0.0})
+        r["seconds"] += info["seconds"]
+        m = info["metrics"]
+        if info["kind"] == "eval":
+            r.update({k: m[k] for k in ROUND_KEYS if k in m})
+        elif info["kind"] == "reward":
+            r["rm_train_accuracy"] = m.get("rewards/accuracies")
+            r["rm_tokens_per_second"] = m.get("tokens_per_second")
+        elif info["kind"] in ("policy", "sft"):
+            r[f"{info['kind']}_loss"] = m.get("loss")
+            r[f"{info['kind']}_tokens_per_second"] = m.get("tokens_per_second")
+            if info["kind"] == "policy":
+                r["policy_reward_accuracy"] = m.get("rewards/accuracies")
+        elif info["kind"] == "sample":
+            r["sample_tokens_per_second"] = m.get("tokens_per_second")
+    return [rows[k] for k in sorted(rows)]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _table(rows: list[dict], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plots(p, table: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxalign.metrics import read_metrics
+
+    out_dir = p.workdir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    made = []
+    keys = [k for k in ROUND_KEYS[:3] if any(k in r for r in table)]
+    if keys:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in keys:
+            xs = [r["round"] for r in table if k in r]
+            ax.plot(xs, [r[k] for r in table if k in r], marker="o", label=k)
+        ax.set_xlabel("round (0 = SFT)")
+        ax.set_xticks([r["round"] for r in table])
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title("per-round evaluation")
+        fig.tight_layout()
+        fig.savefig(out_dir / "rounds.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/rounds.png")
+    curves = []
+    for phase in p.phases:
+        rows = [r for r in read_metrics(p.phase_dir(phase) / "tb") if r.get("split") == "train"]
+        if rows:
+            curves.append((phase.name, rows))
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        for name, rows in curves:
+            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+            acc = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
+            if acc:
+                axes[1].plot(*zip(*acc), label=name)
+        axes[0].set_title("train/loss")
+        axes[1].set_title("train/rewards/accuracies")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "curves.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/curves.png")
+    return made
+
+
+def _samples_table(p) -> str:
+    evals = []
+    for phase in p.phases:
+        f = p.phase_dir(phase) / "eval.json"
+        if phase.kind == "eval" and f.is_file():
+            evals.append((phase.round, json.loads(f.read_text())))
+    if not evals:
+        return ""
+    n = min(p.cfg.eval.table_rows, len(evals[0][1]["prompts"]))
+    cols = ["prompt", "demonstration"] + [("SFT" if r == 0 else f"round {r}") for r, _ in evals]
+    clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for i in range(n):
+        first = evals[0][1]
+        cells = [first["prompts"][i], first["demonstrations"][i]] + [e["answers"][i] for _, e in evals]
+        lines.append("| " + " | ".join(clean(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(p) -> str:
+    lines = ["Run summary (counted skips and changes):"]
+    for rep in p.data_reports:
+        lines.append("  " + rep.summary().replace("\n", "\n  "))
+    for k, v in sorted(p.counters.items()):
+        lines.append(f"  {k}: {v}")
+    return "\n".join(lines)
+
+
+def write_report(p) -> Path:
+    from jaxalign import config as config_lib
+
+    table = round_table(p)
+    plots = _plots(p, table)
+    keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "rm_train_accuracy",
+                                    "policy_loss", "policy_reward_accuracy", "sft_loss", "answer_length",
+                                    "sample_tokens_per_second", "policy_tokens_per_second", "seconds")
+                        if any(k in r for r in table)]
+    phases = _done(p)
+    parts = [
+        f"# jaxalign run: {p.cfg.run.name} ({p.cfg.run.method})",
+        f"Work directory `{p.workdir}`; {len(phases)} of {len(p.phases)} phases finished; "
+        f"total {sum(x['seconds'] for x in phases):.0f} s.",
+        "## Rounds", _table(table, keys),
+        *[f"![{x}]({x})" for x in plots],
+        "## Phases",
+        _table([{"phase": x["phase"], "kind": x["kind"], "seconds": x["seconds"],
+                 **{k: v for k, v in x["metrics"].items() if k in ("loss", "rewards/accuracies", "steps",
+                                                                  "tokens_per_second", "gold")}}
+                for x in phases], ["phase", "kind", "seconds", "steps", "loss", "rewards/accuracies",
+                                   "tokens_per_second", "gold"]),
+        "## Samples", _samples_table(p) or "(no evaluation yet)",
+        "## Data and skips", "```\n" + summary(p) + "\n```",
+        "## Config", "```yaml\n" + config_lib.dump(p.cfg) + "```",
+    ]
+    out = p.workdir / "report.md"
+    out.write_text("\n\n".join(parts) + "\n")
+    return out
