@@ -272,7 +272,10 @@ def forward(
     big = np.iinfo(np.int32).max
     windows = jnp.asarray([w if w else big for w in (cfg.sliding_windows or (None,) * cfg.num_layers)], jnp.int32)
 
-    x = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
+    # gather from a table sharded only over the vocabulary (its fsdp dim all-gathered like any FSDP weight), so the
+    # partitioner does not have to re-shard the gather's output to the batch layout by replication
+    table = constrain(params["embed"], ("vocab", None))
+    x = jnp.take(table, input_ids, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "embed"))
     layer_params = {k: v for k, v in params.items() if k not in TOP_LEVEL}
 
