@@ -64,9 +64,14 @@ class PhaseCheckpointer:
 
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
-        if data_iter is not None:
+        data_dir = self.directory / str(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        elastic = data_iter is not None and data_dir.is_dir() and not own.exists()
+        if data_iter is not None and not elastic:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if elastic:
+            _restore_data_elastic(data_dir, data_iter)
         return out["state"], out["meta"]
 
     def wait(self) -> None:
@@ -75,6 +80,30 @@ class PhaseCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _restore_data_elastic(data_dir: Path, data_iter: Any) -> None:
+    """Restore a data iterator saved by a different number of processes (e.g. a 2-process run resumed on 1).
+
+    grain names each process's iterator state ``process_{i}-of-{n}.json``. The loaders in ``jaxalign.data.loader``
+    shard every global batch over the processes, so their state (``next_index``: the next global batch) is the same on
+    every process and carries over to any process count. A state that differs between processes (e.g. packed SFT,
+    whose row count is data-dependent per process) cannot be remapped: that is an error naming the saved count.
+    """
+    import json
+
+    files = sorted(data_dir.glob("process_*-of-*.json"))
+    if not files:
+        raise ValueError(f"{data_dir}: no data-iterator state to restore.")
+    states = [json.loads(f.read_text()) for f in files]
+    if any(st != states[0] for st in states[1:]):
+        raise ValueError(
+            f"{data_dir} holds the data-iterator state of {len(files)} processes ({files[0].name} ...) and the states "
+            f"differ, so they cannot be carried over to {jax.process_count()} process(es); resume with the process "
+            f"count that wrote the checkpoint.")
+    data_iter.set_state(states[0])
+    if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
 
 
 def free_bytes(path: str | Path) -> int:

@@ -180,6 +180,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return str(value)
     if tp is str and value is None:
         return ""
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-7" (no dot) as a string; users write it that way on the command line
+            return float(value)
+        except ValueError:
+            pass
     if not ok.get(tp, True):
         raise ConfigError(f"{where}: {key}={value!r} should be of type {tp.__name__}.")
     return float(value) if tp is float else value
@@ -201,7 +206,9 @@ def _build(cls, raw: dict[str, Any], prefix: str, where: str):
     return cls(**kwargs)
 
 
-def _set(raw: dict, dotted: str, value: Any, where: str) -> None:
+def _set(raw: dict, dotted: str, value: Any, where: str, text: str | None = None) -> None:
+    """Set ``dotted`` in the raw mapping. ``text`` is the command-line spelling: a string field keeps it as typed
+    (``run.name=0.10`` stays "0.10", ``data.train.split=on`` stays "on") instead of YAML's number / bool / date."""
     parts = dotted.split(".")
     cls, node = Config, raw
     for part in parts[:-1]:
@@ -218,6 +225,8 @@ def _set(raw: dict, dotted: str, value: Any, where: str) -> None:
     if dataclasses.is_dataclass(fields[parts[-1]]):
         raise ConfigError(f"{where}: {dotted} is a section; set one of its keys, e.g. "
                           f"{dotted}.{next(iter(_fields(fields[parts[-1]])))}=...")
+    if fields[parts[-1]] is str and text is not None and not isinstance(value, (str, list, dict, type(None))):
+        value = text.strip()
     node[parts[-1]] = value
 
 
@@ -238,8 +247,8 @@ def load(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     path = resolve_config_path(name)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+    except Exception as e:  # YAMLError, and ValueError / TypeError from YAML's constructors (e.g. a date 2024-13-45)
+        raise ConfigError(f"{path}: not valid YAML ({type(e).__name__}: {e}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...).")
     for item in overrides:
@@ -248,11 +257,131 @@ def load(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
         key, _, text = item.partition("=")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        except Exception:  # not YAML (or a YAML constructor failed, e.g. "2024-13-45"): the text as typed
             value = text
-        _set(raw, key.strip(), value, "command line")
+        _set(raw, key.strip(), value, "command line", text)
     cfg = _build(Config, raw, "", str(path))
+    validate(cfg, where=str(path) + (" + command line" if overrides else ""))
     return cfg
+
+
+# ---- checking values and their combination ------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {
+    "run.method": METHODS,
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat": ("none", "full", "dots"),
+    "data.gold_metric": ("", "demo"),
+    "policy.reduce": ("", "sum", "mean"),
+    "policy.reference": ("sft", "previous"),
+    "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset"),
+    "optimizer": ("adamw", "rmsprop", "sgd"),  # sft / reward / policy
+    "schedule": ("cosine", "linear", "constant"),
+}
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Check every value and the combinations that would otherwise fail mid-run (after hours of compute), before
+    anything is loaded or compiled; raises ConfigError naming the key, the value and what is allowed. The phase order
+    is checked by ``jaxalign.pipeline.phases.plan`` and paths / datasets when the run is prepared."""
+    import math
+
+    from jaxalign.data.formats import FORMATS
+
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value!r}: {what}")
+
+    def choice(key: str, value: Any, allowed) -> None:
+        need(value in allowed, key, value, f"choose one of {', '.join(repr(a) for a in allowed)}")
+
+    def number(key: str, value: float, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> None:
+        if not math.isfinite(value):
+            need(False, key, value, "must be a finite number")
+        elif low is not None and (value <= low if low_open else value < low):
+            need(False, key, value, f"must be {'>' if low_open else '>='} {low}")
+        elif high is not None and value > high:
+            need(False, key, value, f"must be <= {high}")
+
+    for key, allowed in CHOICES.items():
+        if "." in key:
+            section, name = key.split(".")
+            choice(key, getattr(getattr(cfg, section), name), allowed)
+    need(bool(cfg.run.name.strip()), "run.name", cfg.run.name, "must not be empty (it names the work directory)")
+    number("run.rounds", cfg.run.rounds, low=1)
+    number("run.seed", cfg.run.seed, low=0, high=2**31 - 1)
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    for name, size in zip(("data", "fsdp", "tensor"), sizes):
+        need(size == -1 or size >= 1, f"mesh.{name}", size, "must be >= 1, or -1 for all remaining devices")
+    need(sizes.count(-1) <= 1, "mesh", dict(zip(("data", "fsdp", "tensor"), sizes)), "at most one axis may be -1")
+    d = cfg.data
+    number("data.max_length", d.max_length, low=2)
+    need(1 <= d.max_prompt_length < max(d.max_length, 2), "data.max_prompt_length", d.max_prompt_length,
+         f"must be >= 1 and leave room for a response within data.max_length={d.max_length}")
+    for name in ("train", "eval_prompts", "eval_prefs"):
+        ds = getattr(d, name)
+        choice(f"data.{name}.format", ds.format, ("auto",) + tuple(FORMATS))
+        number(f"data.{name}.limit", ds.limit, low=0)
+        need(bool(ds.split.strip()), f"data.{name}.split", ds.split, "must name a split, e.g. train")
+    for section in ("sft", "reward", "policy"):
+        t = getattr(cfg, section)
+        choice(f"{section}.optimizer", t.optimizer, CHOICES["optimizer"])
+        choice(f"{section}.schedule", t.schedule, CHOICES["schedule"])
+        number(f"{section}.learning_rate", t.learning_rate, low=0.0, low_open=True)
+        number(f"{section}.warmup_ratio", t.warmup_ratio, low=0.0, high=1.0)
+        number(f"{section}.weight_decay", t.weight_decay, low=0.0)
+        number(f"{section}.max_grad_norm", t.max_grad_norm, low=0.0)
+        number(f"{section}.batch_size", t.batch_size, low=1)
+        number(f"{section}.accum_steps", t.accum_steps, low=1)
+        if t.batch_size >= 1 and t.accum_steps >= 1:
+            need(t.batch_size % t.accum_steps == 0, f"{section}.batch_size", t.batch_size,
+                 f"must be a multiple of {section}.accum_steps={t.accum_steps} (batch_size is the whole batch of "
+                 f"an optimizer step, split into accum_steps micro-batches)")
+        number(f"{section}.epochs", t.epochs, low=1)
+        number(f"{section}.max_steps", t.max_steps, low=0)
+        number(f"{section}.save_every", t.save_every, low=1)
+    number("reward.margin", cfg.reward.margin)
+    number("reward.center_coef", cfg.reward.center_coef, low=0.0)
+    p = cfg.policy
+    need(p.beta == -1 or (math.isfinite(p.beta) and p.beta > 0), "policy.beta", p.beta,
+         "must be > 0, or -1 for the objective's default")
+    number("policy.num_samples", p.num_samples, low=1)
+    if cfg.run.method == "irl" and p.pairs == "best_of_n":
+        need(p.num_samples >= 2, "policy.num_samples", p.num_samples,
+             "best-of-N pairs need at least 2 samples per prompt")
+    from jaxalign.losses import OBJECTIVES, PAIR_RULES, get_objective
+
+    choice("policy.pair_rule", p.pair_rule, tuple(PAIR_RULES))
+    if p.objective not in OBJECTIVES:
+        choice("policy.objective", p.objective, tuple(sorted(OBJECTIVES)))
+    else:
+        args = {"beta": p.beta} if p.beta != -1 else {}
+        if p.reduce in ("sum", "mean"):
+            args["reduce"] = p.reduce
+        try:
+            get_objective(p.objective, **args)
+        except ValueError as e:
+            problems.append(f"policy.objective={p.objective!r}: {e}")
+    s = cfg.sample
+    number("sample.max_new_tokens", s.max_new_tokens, low=1)
+    number("sample.temperature", s.temperature, low=0.0)
+    number("sample.top_p", s.top_p, low=0.0, high=1.0, low_open=True)
+    number("sample.top_k", s.top_k, low=0)
+    number("sample.batch_size", s.batch_size, low=0)
+    number("sample.limit", s.limit, low=0)
+    e = cfg.eval
+    number("eval.num_prompts", e.num_prompts, low=1)
+    number("eval.max_new_tokens", e.max_new_tokens, low=1)
+    number("eval.temperature", e.temperature, low=0.0)
+    number("eval.table_rows", e.table_rows, low=0)
+    number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -26,7 +26,16 @@ class MetricsWriter:
 
             self.logdir.mkdir(parents=True, exist_ok=True)
             self.tb = SummaryWriter(str(self.logdir), flush_secs=10)
-            self.jsonl = open(self.logdir / "metrics.jsonl", "a")
+            path = self.logdir / "metrics.jsonl"
+            # A process killed mid-write can leave a partial last line: start the resumed run on a fresh line.
+            torn = False
+            if path.is_file() and path.stat().st_size > 0:
+                with open(path, "rb") as f:
+                    f.seek(-1, 2)
+                    torn = f.read(1) != b"\n"
+            self.jsonl = open(path, "a")
+            if torn:
+                self.jsonl.write("\n")
             if show_progress:
                 from tqdm.auto import tqdm
 
@@ -39,6 +48,7 @@ class MetricsWriter:
         for k, v in flat.items():
             self.tb.add_scalar(f"{prefix}/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
+        self.jsonl.flush()  # one small write per step; a killed run keeps its log up to the last step
         if self.bar is not None:
             if advance:
                 self.bar.update(advance)
@@ -54,8 +64,21 @@ class MetricsWriter:
         self.jsonl.close()
 
 
-def read_metrics(logdir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(logdir: str | Path, *, latest_only: bool = False) -> list[dict[str, Any]]:
+    """The logged records in file order. Lines torn by a killed process are skipped. A resumed run re-logs the steps
+    after its last checkpoint; ``latest_only=True`` keeps only the last record of each (split, step), in step order."""
     path = Path(logdir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if latest_only:
+        last = {(r.get("split"), r.get("step")): r for r in out}
+        out = sorted(last.values(), key=lambda r: (str(r.get("split")), r.get("step") or 0))
+    return out

@@ -28,6 +28,22 @@ def _maybe_distributed(mode: str) -> None:
         jax.distributed.initialize()
 
 
+def _stop_on_sigterm():
+    """SIGTERM anywhere outside a training loop (loading, sampling, evaluating, writing the report) stops the run like
+    Ctrl-C: exit 75, finished phases and checkpoints kept. Inside a training loop the loop's own handler takes over and
+    saves a checkpoint first. Returns the previous handler (None off the main thread, where signals cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo_cpu", help="a name in configs/ or a YAML path (default: demo_cpu)")
@@ -57,11 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         from jaxalign.pipeline.runner import Pipeline
         from jaxalign.train.loop import EXIT_PREEMPTED, Preempted
 
+        previous = _stop_on_sigterm()
         try:
             Pipeline(cfg, force=args.force).run()
         except Preempted as e:
             print(f"[jaxalign] {e}", file=sys.stderr)
             return EXIT_PREEMPTED
+        finally:
+            if previous is not None:
+                import signal
+
+                signal.signal(signal.SIGTERM, previous)
     except (ConfigError, DataError, ModelConfigError) as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

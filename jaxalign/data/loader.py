@@ -17,7 +17,8 @@ Contract:
   ``positions`` arguments; ``row_id`` is then per token [B, T] (-1 on padding). The first token of every document has
   loss_mask 0, so a shifted loss never scores one document's first token from the previous document.
 - Pair batch: ``chosen_input_ids``, ``chosen_loss_mask``, ``chosen_attention_mask``, ``rejected_*`` the same, all
-  [B, T] with one T for both sides, and ``row_id`` [B].
+  [B, T] with one T for both sides, and ``row_id`` [B]; plus ``ref_chosen_logps`` / ``ref_rejected_logps`` [B] float32
+  when the examples carry them (precomputed reference log-probs, see ``jaxalign.train.reference``).
 - The returned ``grain.IterDataset``'s iterator has ``get_state`` / ``set_state`` and works with
   ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` under orbax; a restored iterator yields exactly the
   batches the original would have yielded next.
@@ -64,6 +65,9 @@ def total_batches(num_examples: int, global_batch_size: int, num_epochs: int) ->
 
 
 # ------------------------------------------------------------------------------------------------------- padding
+REF_LOGP_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
 def _pad(rows: Sequence[np.ndarray], length: int, value) -> np.ndarray:
     out = np.full((len(rows), length), value, np.int32)
     for i, row in enumerate(rows):
@@ -93,6 +97,9 @@ def pad_pair_batch(examples: Sequence[dict], *, pad_id: int, buckets: Sequence[i
         batch[f"{side}_input_ids"] = _pad(ids, length, pad_id)
         batch[f"{side}_loss_mask"] = _pad([e[f"{side}_mask"] for e in examples], length, 0)
         batch[f"{side}_attention_mask"] = _pad([np.ones(len(x), np.int32) for x in ids], length, 0)
+    for key in REF_LOGP_FIELDS:  # precomputed reference log-probs (jaxalign.train.reference) ride along per row
+        if key in examples[0]:
+            batch[key] = np.asarray([e[key] for e in examples], np.float32)
     return batch
 
 

@@ -52,9 +52,19 @@ def plan(cfg: Config) -> list[Phase]:
     if method not in DEFAULT_ROUND:
         raise ConfigError(f"run.method={method!r}; choose one of {', '.join(DEFAULT_ROUND)}.")
     order = round_order(cfg)
+    # method / pairs mismatches first: their message names the fix better than the phase-order checks below
+    if method in ("dil", "dpo") and cfg.policy.pairs != "dataset":
+        raise ConfigError(f"run.method={method} trains on given preference pairs: set policy.pairs=dataset "
+                          f"(or use run.method=irl / spin for sampled pairs).")
+    if method == "spin" and cfg.policy.pairs == "best_of_n":
+        raise ConfigError("run.method=spin pairs the demonstration with the previous iterate's sample: set "
+                          "policy.pairs=demo_vs_sample (SPIN has no reward model).")
     for kind in order:
         if kind not in SECTIONS or kind == "sft":
             raise ConfigError(f"run.phases: {kind!r} is not a round phase; use sample, reward, policy, eval.")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"run.phases={','.join(order)}: each phase may appear once per round (they share the "
+                          f"round's directory names).")
     if "policy" in order:
         before = order[: order.index("policy")]
         if cfg.policy.pairs in ("best_of_n", "demo_vs_sample") and "sample" not in before:
@@ -67,12 +77,6 @@ def plan(cfg: Config) -> list[Phase]:
     if "reward" in order and "sample" not in order[: order.index("reward")]:
         raise ConfigError(f"run.phases={','.join(order)}: the reward phase trains on (demonstration, own sample) "
                           f"pairs, so 'sample' must come before 'reward'.")
-    if method in ("dil", "dpo") and cfg.policy.pairs != "dataset":
-        raise ConfigError(f"run.method={method} trains on given preference pairs: set policy.pairs=dataset "
-                          f"(or use run.method=irl / spin for sampled pairs).")
-    if method == "spin" and cfg.policy.pairs == "best_of_n":
-        raise ConfigError("run.method=spin pairs the demonstration with the previous iterate's sample: set "
-                          "policy.pairs=demo_vs_sample (SPIN has no reward model).")
     phases = []
     if cfg.sft.enabled or method == "sft":
         phases.append(Phase("sft", "sft", 0))

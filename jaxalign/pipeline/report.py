@@ -82,7 +82,7 @@ def _plots(p, table: list[dict]) -> list[str]:
         made.append("plots/rounds.png")
     curves = []
     for phase in p.phases:
-        rows = [r for r in read_metrics(p.phase_dir(phase) / "tb") if r.get("split") == "train"]
+        rows = [r for r in read_metrics(p.phase_dir(phase) / "tb", latest_only=True) if r.get("split") == "train"]
         if rows:
             curves.append((phase.name, rows))
     if curves:
@@ -97,7 +97,8 @@ def _plots(p, table: list[dict]) -> list[str]:
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # (no accuracy curve before a reward / policy phase)
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "curves.png", dpi=110)
         plt.close(fig)

@@ -26,6 +26,14 @@ from jaxalign.config import Config, ConfigError
 from jaxalign.pipeline.phases import SECTIONS, Phase, plan
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a process killed at any moment leaves either the old file or the new one
+    (a torn done.json would otherwise make the next run fail to read it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class Pipeline:
     def __init__(self, cfg: Config, workdir: str | Path | None = None, *, force: bool = False):
         self.cfg = cfg
@@ -89,9 +97,25 @@ class Pipeline:
         if not self.train_encoded:
             raise ConfigError("data.train: every row was dropped when tokenising (see the data report).")
         self.buckets = self._buckets(cfg.data.max_length)
-        self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        try:
+            self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        except ValueError as e:
+            raise ConfigError(f"{e} (jax platform: {jax.devices()[0].platform})") from None
+        self._check_batches()
         (self.workdir / "phases").mkdir(parents=True, exist_ok=True)
         (self.workdir / "run.yaml").write_text(config_lib.dump(cfg))
+
+    def _check_batches(self) -> None:
+        """Every training phase's global batch is split over the mesh's batch shards: refuse a size that does not
+        divide now, not after the phases before it have run."""
+        shards = sharding.batch_shards(self.mesh)
+        kinds = {p.kind for p in self.phases}
+        for section, kind in (("sft", "sft"), ("reward", "reward"), ("policy", "policy")):
+            size = getattr(self.cfg, section).batch_size
+            if kind in kinds and size % shards:
+                raise ConfigError(
+                    f"{section}.batch_size={size} does not divide over the {shards} batch shards of the mesh "
+                    f"(mesh.data x mesh.fsdp = {dict(self.mesh.shape)}); use a multiple of {shards}.")
 
     def _check_workdir(self) -> None:
         saved = self.workdir / "run.yaml"
@@ -163,7 +187,7 @@ class Pipeline:
             info = {"phase": phase.name, "kind": phase.kind, "round": phase.round, "fingerprint":
                     self.fingerprint(phase), "seconds": time.time() - t0, "metrics": metrics}
             if jax.process_index() == 0:
-                (self.phase_dir(phase) / "done.json").write_text(json.dumps(info, indent=2))
+                _write_atomic(self.phase_dir(phase) / "done.json", json.dumps(info, indent=2))
                 report_lib.write_report(self)
         summary = report_lib.summary(self)
         print(summary)
@@ -223,7 +247,8 @@ class Pipeline:
     def _final_metrics(self, phase: Phase) -> dict[str, float]:
         from jaxalign.metrics import read_metrics
 
-        rows = [r for r in read_metrics(self.phase_dir(phase) / "tb") if r.get("split") == "train"]
+        # latest_only: a resumed phase re-logs the steps after its last checkpoint; count each step once
+        rows = [r for r in read_metrics(self.phase_dir(phase) / "tb", latest_only=True) if r.get("split") == "train"]
         if not rows:
             return {}
         last = rows[-1]

@@ -82,8 +82,13 @@ def run_loop(
     peak_flops: float | None = None,
     counters: dict[str, int] | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, dict], None] | None = None,
 ) -> Any:
-    """Train ``state`` for ``total_steps`` steps of ``step_fn`` over ``dataset`` (a grain IterDataset)."""
+    """Train ``state`` for ``total_steps`` steps of ``step_fn`` over ``dataset`` (a grain IterDataset).
+
+    ``on_batch(step, host_batch)`` (optional) sees each host batch before it is trained on as step ``step`` (1-based),
+    e.g. to log its ``row_id``s; ``on_step(step)`` runs after the step, before the checkpoint decision.
+    """
     counters = counters if counters is not None else {}
     it = iter(dataset)
     start = 0
@@ -101,6 +106,8 @@ def run_loop(
             except StopIteration:
                 print(f"[{phase}] data ran out at step {step} of {total_steps}; finishing the phase here.")
                 break
+            if on_batch is not None:
+                on_batch(step + 1, host_batch)
             t0 = time.perf_counter()
             batch = sharding.shard_batch({k: v for k, v in host_batch.items() if k != "row_id"}, mesh)
             state, metrics = step_fn(state, batch, *extra_args)

@@ -66,6 +66,7 @@ def train(
     counters: dict[str, int] | None = None,
     on_step=None,
     name: str | None = None,
+    on_batch=None,
 ) -> dict[str, jax.Array]:
     """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save."""
     phase_dir = Path(phase_dir)
@@ -91,7 +92,8 @@ def train(
         state = run_loop(phase=name, state=state, step_fn=step_fn, dataset=dataset, total_steps=total, mesh=mesh,
                          checkpointer=checkpointer, writer=writer, save_every=settings.save_every,
                          skip_nonfinite=settings.skip_nonfinite, extra_args=extra, flops_fn=backward_flops,
-                         peak_flops=device_peak_flops(), counters=counters, on_step=on_step)
+                         peak_flops=device_peak_flops(), counters=counters, on_step=on_step,
+                         on_batch=on_batch)
     finally:
         writer.close()
         checkpointer.close()

@@ -1,0 +1,318 @@
+"""The pipeline through its launcher, as a user runs it.
+
+- Bad input (unknown key, impossible phase order, missing model / data / split, a work directory holding another
+  run, a mesh or batch that cannot work): ``launch/tpu_run.py`` main() returns 2 with a one-paragraph message on stderr
+  before anything is compiled or written (no compilation event, no phases/ directory).
+- Recipes end to end (slow): ultrachat_dil and ultrachat_irl with their model swapped for a tiny random-init Llama and
+  their data for local slices in the same formats, through ``key=value`` overrides, in a launcher subprocess;
+  colab_smoke the same way, but through launch/colab_smoke.ipynb executed with nbclient (its install cell skipped).
+- Interruption (slow): a shrunk CPU demo killed with SIGKILL mid-phase and stopped with SIGTERM (exit 75), each re-run
+  with the same command, ends with the same phase metrics and bit-identical model files as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tiny_recipe
+from tiny_recipe import LAUNCHER, REPO
+
+# ---- shared fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny(shared_data, tmp_path_factory):
+    """One tiny checkpoint, the zephyr tokenizer and the local data slices for the whole session."""
+    root = tmp_path_factory.mktemp("tiny_recipe")
+    return {"model": tiny_recipe.make_tiny_llama(root / "model"), "tokenizer": shared_data / tiny_recipe.TOKENIZER,
+            "slices": tiny_recipe.write_slices(shared_data, root / "data")}
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this session's launcher subprocesses."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _overrides(name: str, tiny) -> list[str]:
+    return tiny_recipe.recipe_overrides(name, tiny["model"], tiny["tokenizer"], tiny["slices"])
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("jaxalign_tpu_run", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- bad input: exit 2, a clear message, nothing compiled ---------------------------------------------------------
+
+_COMPILES: list[str] = []
+_COUNTING = [False]
+
+
+def _count_compiles(name, duration, **kw):
+    if _COUNTING[0] and name == "/jax/core/compile/backend_compile_duration":
+        _COMPILES.append(name)
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    from jax import monitoring
+
+    monitoring.register_event_duration_secs_listener(_count_compiles)
+    return _launcher()
+
+
+def _run_bad(launcher, capsys, workdir: Path, config: str, overrides: list[str]) -> str:
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*")) if workdir.exists() else None
+    _COMPILES.clear()
+    _COUNTING[0] = True
+    try:
+        rc = launcher.main(["--config", config, "--workdir", str(workdir), *overrides])
+    finally:
+        _COUNTING[0] = False
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]  # (datasets' progress bars)
+    assert lines[-1].startswith("jaxalign: error: ") and sum("jaxalign" in line for line in lines) == 1, err
+    assert not _COMPILES, "something was compiled before the error"
+    after = sorted(p.relative_to(workdir) for p in workdir.rglob("*")) if workdir.exists() else None
+    assert after == before, "the work directory changed (or was created)"
+    return err
+
+
+def test_bad_input_unknown_key(launcher, capsys, tmp_path):
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ["policy.learnig_rate=1e-6"])
+    assert "unknown config key 'policy.learnig_rate'" in err and "Did you mean policy.learning_rate" in err
+
+
+def test_bad_input_phase_order(launcher, capsys, tmp_path, tiny):
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_irl",
+                   _overrides("ultrachat_irl", tiny) + ["run.phases=sample,policy,reward,eval"])
+    assert "policy before any reward model" in err and "sample,reward,policy,eval" in err
+
+
+def test_bad_input_missing_model(launcher, capsys, tmp_path, tiny):
+    ov = _overrides("ultrachat_dil", tiny)
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + [f"model.path={tmp_path / 'no_model'}"])
+    assert "no_model: model folder not found" in err
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["model.path="])
+    assert "model.path is empty" in err
+
+
+def test_bad_input_missing_data_or_split(launcher, capsys, tmp_path, tiny):
+    ov = _overrides("ultrachat_dil", tiny)
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["data.train.split=train_prefs"])
+    assert "The split 'train_prefs' does not exist" in err and "['train']" in err
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + [f"data.train.source={tmp_path}/x.jsonl"])
+    assert "x.jsonl' does not exist" in err
+
+
+def test_bad_input_workdir_of_another_run(launcher, capsys, tmp_path, tiny):
+    from jaxalign import config as config_lib
+
+    work = tmp_path / "w"
+    (work / "phases" / "sft").mkdir(parents=True)
+    (work / "phases" / "sft" / "done.json").write_text("{}")
+    (work / "run.yaml").write_text(config_lib.dump(config_lib.load("demo_cpu")))
+    err = _run_bad(launcher, capsys, work, "ultrachat_dil", _overrides("ultrachat_dil", tiny))
+    assert "holds a different run (name='demo_cpu', method='irl')" in err and "--workdir" in err
+
+
+def test_bad_input_mesh_and_batch(launcher, capsys, tmp_path, tiny):
+    """8 CPU devices here: a mesh that does not tile them, a batch that does not split over them."""
+    ov = _overrides("ultrachat_dil", tiny)
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["mesh.fsdp=3"])
+    assert "mesh: data*fsdp*tensor = 1*3*1 = 3 but there are 8 devices" in err
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["policy.batch_size=12",
+                                                                          "policy.accum_steps=1"])
+    assert "policy.batch_size=12 does not divide over the 8 batch shards" in err
+
+
+# ---- recipes end to end on the tiny model ----------------------------------------------------------------------------
+
+def _launch(config: str, workdir: Path, overrides: list[str], cache: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(LAUNCHER), "--config", config, "--workdir", str(workdir), *overrides],
+                            cwd=REPO, env=tiny_recipe.subprocess_env(cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _done(workdir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "phases").glob("*/done.json"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ultrachat_dil", "ultrachat_irl"])
+def test_recipe_runs_end_to_end_on_a_tiny_model(name, tiny, jax_cache, tmp_path):
+    from jaxalign import config as config_lib
+    from jaxalign.pipeline.phases import plan
+
+    work = tmp_path / name
+    overrides = _overrides(name, tiny)
+    rc, out = _finish(_launch(name, work, overrides, jax_cache))
+    assert rc == 0, out[-4000:]
+    cfg = config_lib.load(name, overrides)
+    phases = plan(cfg)
+    done = _done(work)
+    assert set(done) == {p.dir_name for p in phases}, out[-2000:]
+    report = (work / "report.md").read_text()
+    assert f"# jaxalign run: {name}" in report and f"{len(phases)} of {len(phases)} phases finished" in report
+    assert (work / "plots" / "curves.png").is_file()
+    for info in done.values():  # every training phase ran its few steps
+        if info["kind"] in ("policy", "reward"):
+            assert info["metrics"]["steps"] == 2 and info["metrics"]["loss"] == info["metrics"]["loss"]
+    rounds = max(p.round for p in phases)
+    last_policy = work / "phases" / f"r{rounds}_policy" / "model"
+    from jaxalign.models import from_pretrained
+
+    model = from_pretrained(last_policy)
+    assert model.cfg.vocab_size == 32000 and model.cfg.dtype == cfg.model.dtype
+    if name == "ultrachat_dil":  # LSIF at the reference point: -exp(0) + exp(0)/2; trained on given pairs
+        assert done["r1_policy"]["metrics"]["pairs"] == 32
+    else:  # two IRL rounds: RM pairs accumulate, the RM is scored on held-out pairs, best-of-N pairs feed DPO
+        assert done["r2_policy"]["metrics"]["pairs"] > 0
+        for k in (1, 2):
+            assert 0.0 <= done[f"r{k}_eval"]["metrics"]["rm_heldout_accuracy"] <= 1.0
+        assert "rm_heldout_accuracy" in report
+        samples = json.loads((work / "phases" / "r2_sample" / "samples.json").read_text())
+        assert samples["num_samples"] == 2 and len(samples["row_ids"]) == 16
+
+
+# ---- interruption: SIGKILL / SIGTERM and re-run == uninterrupted, bit for bit -----------------------------------------
+
+SHRUNK_DEMO = [
+    "run.rounds=1", "run.show_progress=false", "reliability.async_checkpointing=true",
+    "sft.epochs=1", "sft.max_steps=12", "sft.save_every=4",
+    "sample.limit=32", "sample.max_new_tokens=8", "policy.num_samples=2",
+    "reward.batch_size=16", "reward.epochs=4", "reward.save_every=3",  # 8 steps
+    "policy.batch_size=8", "policy.save_every=1", "policy.max_steps=3",
+    "eval.num_prompts=16", "eval.max_new_tokens=8", "data.eval_prefs.limit=32",
+]
+TIMING_KEYS = {"tokens_per_second", "sample_tokens_per_second", "mfu", "seconds"}
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 600) -> None:
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _committed(checkpoints: Path) -> list[int]:
+    return sorted(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()) if checkpoints.is_dir() else []
+
+
+def _logged_steps(phase_dir: Path) -> int:
+    f = phase_dir / "tb" / "metrics.jsonl"
+    return f.read_text().count("\n") if f.is_file() else 0
+
+
+def _snapshot(work: Path) -> dict:
+    """Everything a run produces that must not depend on interruptions: metrics, samples, answers, model bytes."""
+    out = {}
+    for name, info in _done(work).items():
+        out[f"{name}/metrics"] = {k: v for k, v in info["metrics"].items() if k not in TIMING_KEYS}
+        out[f"{name}/fingerprint"] = info["fingerprint"]
+    for f in sorted((work / "phases").glob("*/model/*.safetensors")) + sorted((work / "phases").glob("*/*.json")):
+        if f.name not in ("done.json", "eval.json"):  # samples.json, normalization.json: byte for byte
+            out[str(f.relative_to(work))] = f.read_bytes()
+    for f in sorted((work / "phases").glob("*/eval.json")):
+        ev = json.loads(f.read_text())
+        ev["metrics"] = {k: v for k, v in ev["metrics"].items() if k not in TIMING_KEYS}
+        out[str(f.relative_to(work))] = ev
+    return out
+
+
+@pytest.mark.slow
+def test_interrupted_demo_resumes_to_identical_results(tmp_path_factory):
+    """Shrunk demo (1 IRL round, 12 SFT steps, 8 RM steps, 3 policy steps): uninterrupted vs SIGKILL in the SFT
+    phase after its first checkpoint -> re-run -> SIGTERM in the RM phase after its first step (exit 75, a
+    checkpoint saved) -> re-run. Every phase's done.json metrics (timings aside), the samples, the eval answers and
+    every model's safetensors bytes are identical."""
+    cache = tmp_path_factory.mktemp("demo_jax_cache")
+    base = tmp_path_factory.mktemp("demo_runs")
+    a, b = base / "a", base / "b"
+
+    rc, out = _finish(_launch("demo_cpu", a, SHRUNK_DEMO, cache))
+    assert rc == 0, out[-4000:]
+    expected = _snapshot(a)
+    assert {"sft", "eval0", "r1_sample", "r1_reward", "r1_policy", "r1_eval"} == set(_done(a))
+
+    # 1) SIGKILL in the middle of the SFT phase, once its first checkpoint is committed
+    proc = _launch("demo_cpu", b, SHRUNK_DEMO, cache)
+    _wait_for(proc, lambda: _committed(b / "phases" / "sft" / "checkpoints"), "the first SFT checkpoint")
+    proc.kill()
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert not (b / "phases" / "sft" / "done.json").exists(), "killed too late: the SFT phase had finished"
+    killed_at = _logged_steps(b / "phases" / "sft")
+
+    # 2) re-run; SIGTERM once the reward phase has logged a step: the loop saves a checkpoint and exits 75
+    proc = _launch("demo_cpu", b, SHRUNK_DEMO, cache)
+    _wait_for(proc, lambda: _logged_steps(b / "phases" / "r1_reward") >= 1, "the first reward step")
+    proc.send_signal(signal.SIGTERM)
+    rc, out = _finish(proc)
+    assert rc == 75, out[-4000:]
+    assert "sft: finished earlier" not in out  # the killed SFT phase was resumed, not skipped
+    assert "re-run the same command" in out or "resume with the same command" in out
+    assert not (b / "phases" / "r1_reward" / "done.json").exists()
+    assert _committed(b / "phases" / "r1_reward" / "checkpoints"), "no checkpoint saved on SIGTERM"
+    assert (b / "phases" / "sft" / "done.json").is_file()
+
+    # 3) re-run to the end
+    rc, out = _finish(_launch("demo_cpu", b, SHRUNK_DEMO, cache))
+    assert rc == 0, out[-4000:]
+    assert "sft: finished earlier, skipped" in out
+    got = _snapshot(b)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == expected[key], f"{key} differs after interruptions (SFT killed after step {killed_at})"
+
+
+# ---- the Colab notebook, on CPU ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_colab_notebook_runs_on_cpu(tiny, jax_cache, tmp_path):
+    """launch/colab_smoke.ipynb executed cell by cell with nbclient: the install cell is skipped
+    (JAXALIGN_SKIP_INSTALL=1, this checkout is the repository), the run is colab_smoke with the tiny model and local
+    slices (JAXALIGN_OVERRIDES), and the last cell shows report.md and the plots inline."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    work = tmp_path / "colab_smoke"
+    env = tiny_recipe.subprocess_env(jax_cache)
+    env.update(JAXALIGN_SKIP_INSTALL="1", JAXALIGN_REPO_DIR=str(REPO), JAXALIGN_WORKDIR=str(work),
+               JAXALIGN_OVERRIDES=json.dumps(_overrides("colab_smoke", tiny)))
+    nb = nbformat.read(REPO / "launch" / "colab_smoke.ipynb", as_version=4)
+    assert any("pip" in c.source and "install" in c.source for c in nb.cells if c.cell_type == "code")
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=env)
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "SKIP_INSTALL" in text and "exit code 0" in text
+    shown = [o for o in outputs if o.get("output_type") == "display_data"]
+    markdown = [o["data"]["text/markdown"] for o in shown if "text/markdown" in o.get("data", {})]
+    assert any(m.startswith("# jaxalign run: colab_smoke (irl)") and "5 of 5 phases finished" in m for m in markdown)
+    assert sum("image/png" in o.get("data", {}) for o in shown) >= 1
+    done = _done(work)
+    assert set(done) == {"eval0", "r1_sample", "r1_reward", "r1_policy", "r1_eval"}
+    assert done["r1_policy"]["metrics"]["steps"] == 2

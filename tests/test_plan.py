@@ -1,0 +1,153 @@
+"""The AOT planner (jaxalign.plan): its HLO cost walk, its model configs, its error messages, and one real TPU compile.
+
+The slow test compiles a tiny model's SFT step for a v5e:2x2 slice (4 chips) with the TPU compiler from ``libtpu``
+(installed by the ``test`` extra; no TPU needed) and checks the table against arithmetic:
+
+- parameters per chip = parameter count x 4 bytes (float32) / 4 shards, within 1% (TPU tiles could pad a dimension
+  smaller than a tile; the tiny config keeps every sharded dimension a multiple of 128 so only the 1-D norms may pad);
+- optimizer state per chip = 2 x parameters (AdamW's two moments) within 1%;
+- matmul FLOPs of the compiled step within 10% of the analytic count (6 N + attention, plus remat's extra forward).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import plan as plan_lib
+from jaxalign.plan_hlo import analyze, group_size, parse_instr, ring_bytes
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+# ---- fast: the HLO walk ------------------------------------------------------------------------------------------
+
+def test_hlo_walk_multiplies_scanned_layers_by_trip_count():
+    """cost_analysis() counts a while body once; the walk counts it once per iteration."""
+    layers, m, k = 5, 32, 64
+
+    def f(x, w):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+    c = jax.jit(f).lower(jax.ShapeDtypeStruct((m, k), jnp.float32),
+                         jax.ShapeDtypeStruct((layers, k, k), jnp.float32)).compile()
+    costs = analyze(c.as_text(), 1)
+    assert costs.flops == pytest.approx(layers * 2 * m * k * k)
+    assert layers in costs.loops and costs.unknown_loops == 0
+
+
+def test_hlo_parsing_pieces():
+    ins = parse_instr('  %all-gather.9 = bf16[1,1024,1024]{2,1,0:T(8,128)(2,1)S(1)} all-gather(%fusion.2), '
+                      "channel_id=3, replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dimensions={1}")
+    assert ins.opcode == "all-gather" and ins.operands == ["fusion.2"]
+    assert group_size(ins.attrs, 8) == 4
+    assert group_size("replica_groups=[2,4]<=[8]", 8) == 4
+    assert group_size("replica_groups={{0,1},{2,3}}", 4) == 2
+    assert ring_bytes("all-gather", 100.0, 4) == 75.0
+    assert ring_bytes("all-reduce", 100.0, 4) == 150.0
+    tup = parse_instr("  %t = (s32[]{:T(128)}, bf16[4,8]{1,0:T(4,128)(2,1)}) tuple(%a, %b)")
+    assert tup.opcode == "tuple" and tup.operands == ["a", "b"]
+
+
+def test_parse_oom_messages():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (90.00G) "
+           "exceeds available HBM (15.75G).")
+    need, have = plan_lib.parse_oom(msg)
+    assert need == 90 * 2**30 and have == 15.75 * 2**30
+    assert plan_lib.parse_oom("Used 20.5G of 15.48G hbm. Exceeded hbm capacity by 5.02G.")[0] == 20.5 * 2**30
+    assert plan_lib.parse_oom("something else") is None
+
+
+# ---- fast: the recipe models' configs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hub_id, params_b, family", [
+    ("mistralai/Mistral-7B-v0.1", 7.2417, "llama"),
+    ("alignment-handbook/zephyr-7b-sft-full", 7.2417, "llama"),
+    ("HuggingFaceH4/mistral-7b-sft-beta", 7.2417, "llama"),
+    ("EleutherAI/pythia-1b", 1.0118, "neox"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", 0.4940, "llama"),
+])
+def test_recipe_model_configs(hub_id, params_b, family):
+    from jaxalign.config import Config
+
+    cfg = Config()
+    cfg.model.path = hub_id
+    mcfg = plan_lib.model_config(cfg)
+    assert mcfg.family == family
+    assert mcfg.num_params() / 1e9 == pytest.approx(params_b, abs=1e-4)
+
+
+def test_unknown_model_names_the_folder():
+    with pytest.raises(plan_lib.PlanError, match="configs/models"):
+        plan_lib.resolve_model_file("nobody/unknown-model")
+
+
+def test_without_libtpu_the_message_says_how_to_get_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(plan_lib.PlanError, match=r'pip install -e "\.\[tpu\]"'):
+        plan_lib.get_slice("v5e:2x2")
+
+
+def test_launcher_reports_missing_libtpu_as_bad_input(monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import tpu_run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    code = tpu_run.main(["--config", "demo_cpu", "--plan", "v5e:2x2", "run.demo_task=false",
+                         "model.path=Qwen/Qwen2.5-0.5B-Instruct"])
+    assert code == 2
+    assert '.[tpu]' in capsys.readouterr().err
+
+
+# ---- slow: a real AOT compile for a TPU slice ---------------------------------------------------------------------
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+        "vocab_size": 2048, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "hidden_act": "silu"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu]" (the test extra installs it)')
+def test_plan_tiny_sft_on_v5e_2x2(tmp_path):
+    from jaxalign.config import load
+    from jaxalign.flops import flops_per_token
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    cfg = load("demo_cpu", ["run.demo_task=false", f"model.path={tmp_path}", "model.dtype=bfloat16",
+                            "model.remat=full", "mesh.data=1", "mesh.fsdp=4", "data.max_length=256",
+                            "sft.batch_size=8"])
+    printed = []
+    rows = plan_lib.plan_recipe(cfg, "v5e:2x2", phases=["sft"], print_fn=printed.append)
+    (row,) = rows
+    mcfg = plan_lib.model_config(cfg)
+
+    expected_params = mcfg.num_params() * 4 / 4  # float32, every parameter sharded 4 ways over fsdp
+    assert row.params == pytest.approx(expected_params, rel=0.01)
+    assert row.opt_state == pytest.approx(2 * expected_params, rel=0.01)
+    assert row.outside == row.params and row.reference == 0
+    assert row.exact and row.fits and row.verdict.startswith("FITS")
+    assert row.total >= row.params + row.opt_state + row.outside
+    assert row.hbm == pytest.approx(15.75 * 2**30)
+
+    # FLOPs: compiled program vs analytic (flops_per_token + remat's extra forward), per chip
+    assert row.flops == pytest.approx(row.model_flops, rel=0.10)
+    seq = 255
+    assert row.model_flops > 8 * 255 * flops_per_token(mcfg, seq) / 4  # remat adds to the 6N count
+    # MFU is jaxalign.flops.mfu at the estimated step time
+    assert row.step_s == max(row.compute_s, row.collective_s) > 0
+    assert 0 < row.mfu < 1
+    assert math.isclose(row.mfu, 8 * 256 * flops_per_token(mcfg, 256) / row.step_s / (197e12 * 4), rel_tol=1e-9)
+    table = printed[0]
+    assert "| sft |" in table and "v5e" in table and "FITS" in table
+    assert np.isfinite(row.compile_s)
