@@ -188,11 +188,12 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
 
     new_cache = None
     if cache_kv is not None:
-        ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        # cache_kv = (all layers' keys, all layers' values, this layer): write only the new tokens, in place
+        ck, cv, layer = cache_kv
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, cache_index, 0, 0))
         new_cache = (ck, cv)
-        k, v = ck.astype(dt), cv.astype(dt)
+        k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     mask = _mask(q_idx, kv_idx, kv_valid, window, seg, seg)
     attn = _attention(q, k, v, mask, dt)
     attn = jnp.einsum("btnd,ndh->bth", attn, c("wo"))
@@ -280,16 +281,28 @@ def forward(
     layer_params = {k: v for k, v in params.items() if k not in TOP_LEVEL}
 
     def body(x, xs):
-        p, window, cache_kv = xs
-        return _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids, cache_kv,
-                      cache_index)
+        p, window = xs
+        return _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids, None, 0)[0], None
+
+    def cached_body(carry, xs):
+        # the cache rides in the carry and is updated in place per layer: as scanned inputs/outputs it would be
+        # copied into a second buffer at every decode step (twice the cache memory, a full cache copy per token)
+        x, ck, cv = carry
+        p, window, layer = xs
+        x, (ck, cv) = _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids,
+                             (ck, cv, layer), cache_index)
+        return (x, ck, cv), None
 
     if cfg.remat != "none":
         if cfg.remat not in _REMAT_POLICIES:
             raise ValueError(f"remat={cfg.remat!r}; choose one of none, {', '.join(_REMAT_POLICIES)}")
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    cache_xs = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (layer_params, windows, cache_xs))
+    if cache is None:
+        x, _ = jax.lax.scan(body, x, (layer_params, windows))
+    else:
+        (x, ck, cv), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
+                                      (layer_params, windows, jnp.arange(cfg.num_layers)))
+        new_kv = (ck, cv)
 
     if cfg.family == "neox":
         x = _layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
