@@ -146,7 +146,13 @@ def _rope(x, positions, inv_freq, rotary_dim):
 
 
 def _attention(q, k, v, mask, dtype):
-    """q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,N,D]. GQA by grouping query heads per KV head."""
+    """q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,N,D]. GQA by grouping query heads per KV head.
+
+    On GPU in half precision the fused cuDNN kernel (flash attention) is used: it never materialises the [T, S]
+    score matrix, which the einsum form below does (fine on CPU and for the parity tests, memory-bound on a GPU).
+    """
+    if dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
     b, t, n, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, t, kh, n // kh, d)
