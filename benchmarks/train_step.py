@@ -158,7 +158,7 @@ def torch_step(folder, kind: str, host_batch):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     first = run()
     return run, first
@@ -172,13 +172,16 @@ def cpu_main(args):
     import torch
     from flax import nnx
 
+    from transformers.utils import logging as hf_logging
+
     from jaxalign import sharding
     from jaxalign.models import Decoder, save_pretrained
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     peak = matmul_peak()
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())} (jaxalign runs on 1), torch threads "
-          f"{torch.get_num_threads()}; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"{torch.get_num_threads()}; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     shapes = {"tiny": (tiny_config(), 8, 128), "100m": (config_100m(), 4, 256)}
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
@@ -203,7 +206,8 @@ def cpu_main(args):
                              f"{tok / p_t:,.0f}", f"{p_t / j_t:.2f}x", f"{100 * fl / j_t / peak:.0f}%",
                              f"{100 * fl / p_t / peak:.0f}%", f"{abs(j_loss - p_loss):.1e}", f"{compile_s:.1f}"])
                 print(" | ".join(rows[-1]), flush=True)
-    print_table("train step throughput (float32, CPU; tokens/s = trained tokens / median step time)",
+    print_table(f"train step throughput (float32, CPU, matmul peak {peak / 1e9:.1f} GFLOP/s; tokens/s = trained "
+                f"tokens / median step time)",
                 ["config", "step", "batch", "jaxalign tok/s", "PyTorch tok/s", "ratio", "jaxalign % of matmul peak",
                  "PyTorch % of peak", "|loss diff| step 1", "jaxalign compile s"], rows)
 

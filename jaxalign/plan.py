@@ -140,6 +140,10 @@ def require_libtpu() -> None:
 def get_slice(topology: str) -> Slice:
     """The devices of a TPU slice named like ``v5p:4x4x4``, ``v5e:16x16`` or ``v5e:1x1`` (one chip)."""
     require_libtpu()
+    import os
+
+    # without a TPU nothing is shared: let several plans (and test workers) load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
     from jax.experimental import topologies
 
@@ -153,9 +157,9 @@ def get_slice(topology: str) -> Slice:
     kw = {"chips_per_host_bounds": (1,) * max(len(dims), 3)} if math.prod(dims) == 1 else {}
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.strip(), **kw)
-    except Exception as e:  # libtpu raises a plain RuntimeError for unknown names
-        raise PlanError(f"--plan {topology!r}: libtpu does not know this topology ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Examples that work: v5p:2x2x1, v5e:4x4, v5p:4x4x4, "
+    except Exception as e:  # libtpu raises a plain runtime error for unknown names
+        raise PlanError(f"--plan {topology!r}: libtpu could not describe this slice ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}). Names that work: v5p:2x2x1, v5e:4x4, v5p:4x4x4, "
                         f"v5e:16x16, v6e:4x4, v5e:1x1, v2:2x2.") from None
     devices = list(desc.devices)
     kind = devices[0].device_kind.lower()
@@ -338,6 +342,8 @@ def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any]
     mem = compiled.memory_analysis()
     row.temps = float(mem.temp_size_in_bytes)
     row.kv_cache = kv
+    for f in Path(dump).glob("*after_optimizations-buffer-assignment.txt"):
+        _dump(row, f.read_text(), "buffer-assignment.txt")
     shutil.rmtree(dump, ignore_errors=True)
     in_step = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                     + mem.temp_size_in_bytes)
@@ -442,17 +448,32 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice) -> PhaseRow:
 
 def model_step_flops(mcfg, tokens: float, seq: int, *, remat: str, reference: bool, lm_head: bool = True) -> float:
     """Analytic matmul FLOPs the compiled train step should execute for ``tokens`` tokens of length ``seq``:
-    ``flops_per_token`` (6 N + attention) plus one more forward of the layers under remat=full (attention only under
-    remat=dots), plus a forward of the reference; the reward model has no LM head (its 6 H V drops out)."""
+    ``flops_per_token`` (6 N + attention), plus what remat recomputes — under remat=full the layers' forward except
+    each layer's last matmul (its output only feeds the residual sum, which the backward pass does not need: MLP down
+    projection, and with GPT-NeoX's parallel residual also the attention output projection), under remat=dots the
+    attention einsums — plus a forward of the reference; the reward model has no LM head (its 6 H V drops out)."""
     from jaxalign.flops import flops_per_token
 
     fwd = flops_per_token(mcfg, seq, backward=False)
-    head = 2 * mcfg.hidden_size * mcfg.vocab_size
-    attn = 4 * mcfg.num_layers * seq * mcfg.num_heads * mcfg.head_dim
-    per_tok = 3 * fwd + {"full": fwd - head, "dots": attn}.get(remat, 0.0) + (fwd if reference else 0.0)
+    h, L = mcfg.hidden_size, mcfg.num_layers
+    head = 2 * h * mcfg.vocab_size
+    attn = 4 * L * seq * mcfg.num_heads * mcfg.head_dim
+    last = 2 * L * h * (mcfg.intermediate_size + (mcfg.num_heads * mcfg.head_dim if mcfg.parallel_residual else 0))
+    per_tok = 3 * fwd + {"full": fwd - head - last, "dots": attn}.get(remat, 0.0) + (fwd if reference else 0.0)
     if not lm_head:
         per_tok -= 3 * head
     return per_tok * tokens
+
+
+def prefill_flops(mcfg, batch: int, prompt: int, cache_len: int) -> float:
+    """Matmul FLOPs of the sampler's prefill: the layers on ``prompt`` tokens attending over all ``cache_len`` slots
+    (the cache is allocated at full length), the LM head on the last position only."""
+    from jaxalign.flops import matmul_params
+
+    head = mcfg.hidden_size * mcfg.vocab_size
+    layers = 2 * (matmul_params(mcfg) - head) * prompt
+    attn = 4 * mcfg.num_layers * prompt * cache_len * mcfg.num_heads * mcfg.head_dim
+    return batch * (layers + attn + 2 * head)
 
 
 def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
@@ -486,7 +507,8 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
         B = math.ceil(cfg.sample.batch_size / shards) * shards
         how = "sample.batch_size"
     else:  # what generate() picks at run time: default_budget_bytes() = 90% of HBM minus what is in use
-        B = plan_batch_size(scfg, num_prompts=10**6, prompt_len=P, cache_len=cache_len, num_samples=n,
+        prompts = cfg.eval.num_prompts if phase == "eval" else (cfg.sample.limit or 10**6)
+        B = plan_batch_size(scfg, num_prompts=prompts, prompt_len=P, cache_len=cache_len, num_samples=n,
                             budget_bytes=int(0.9 * sl.chip.hbm - outside), mesh=mesh, cache_dtype=cdt)
         how = "planned by sampling.memory"
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -515,7 +537,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
 
     compiled = compile_and_measure(pre, sl, mcfg, lambda: jit_in_mesh(prefill_fn), pargs, tokens=B * P, seq_len=P,
                                    backward=False, kv=kv)
-    pre.model_flops = B * P * flops_per_token(mcfg, P, backward=False) / len(sl.devices)
+    pre.model_flops = prefill_flops(mcfg, B, P, cache_len) / len(sl.devices)
     rows.append(pre)
     dec = PhaseRow(f"{label}: decode", f"{B * n} rows, one token per step, cache {cache_len}", hbm=sl.chip.hbm)
     dec.params, dec.outside = pre.params, outside
@@ -562,36 +584,39 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
         row.verdict = (f"DOES NOT FIT: needs {approx}{_gib(row.total)} GiB per chip, {_gib(row.total - hbm)} GiB over "
                        f"the {_gib(hbm)} GiB the compiler may use")
     target = FIT_MARGIN * hbm
-    state = row.params + row.opt_state + row.reference + row.outside
     state_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
     if row.phase in ("sft", "reward", "policy"):
         section = {"sft": cfg.sft, "reward": cfg.reward, "policy": cfg.policy}[row.phase]
-        grads = row.params  # gradients are a param-sized temporary
-        if state + grads > 0.7 * target:
-            need = state_shards * (state + grads) / (0.6 * target)
+        # what does not shrink with the micro-batch: weights, optimizer, reference, the loaded copy, gradients
+        fixed = row.params + row.opt_state + row.reference + row.outside + row.params
+        if fixed > 0.8 * target:
+            need = math.ceil(state_shards * fixed / (0.6 * target))
             shards = 1 << math.ceil(math.log2(max(need, 1)))
-            if shards <= n:
-                row.advice.append(f"params + optimizer + reference + gradients take {_gib(state + grads)} GiB per "
-                                  f"chip: shard them over {shards} chips (mesh.fsdp={shards // mesh.shape['tensor']}"
-                                  f"{' with mesh.tensor=' + str(mesh.shape['tensor']) if mesh.shape['tensor'] > 1 else ''}"
-                                  f", now {state_shards})")
-            else:
-                row.advice.append(f"params + optimizer + reference + gradients need ~{need:.0f} chips of this kind "
-                                  f"even fully sharded: use a bigger slice, or cut the state (a precomputed "
-                                  f"reference, bf16 optimizer moments)")
-        acts = max(row.temps - grads, 0.0)
-        room = target - state - grads
+            if state_shards < shards <= n:
+                row.advice.append(f"weights, optimizer state, reference and gradients take {_gib(fixed)} GiB per "
+                                  f"chip: shard them over {shards} chips (mesh.fsdp x mesh.tensor = {shards}, now "
+                                  f"{state_shards})")
+            elif shards > n:
+                row.advice.append(f"weights, optimizer state, reference and gradients need ~{need} chips of this "
+                                  f"kind even fully sharded: a bigger slice, or a smaller state (reference "
+                                  f"log-probs precomputed instead of reference weights, the loaded params donated "
+                                  f"to the train state, bf16 optimizer moments)")
+        acts, room = row.total - fixed, target - fixed
         if acts > max(room, 0.0):
             k = max(1, section.accum_steps)
-            micro = section.batch_size // k
             shards = batch_shards(mesh)
-            want = k * acts / max(room, acts / 16)
+            want = k * acts / max(room, acts / 64)
             options = [k2 for k2 in range(k + 1, section.batch_size + 1)
                        if section.batch_size % k2 == 0 and (section.batch_size // k2) % shards == 0]
             pick = next((k2 for k2 in options if k2 >= want), options[-1] if options else None)
             if pick:
-                row.advice.append(f"activations take ~{_gib(acts)} GiB per chip at micro-batch {micro}: raise "
-                                  f"{row.phase}.accum_steps to {pick} (micro-batch {section.batch_size // pick})")
+                row.advice.append(f"activations take ~{_gib(acts)} GiB per chip at micro-batch "
+                                  f"{section.batch_size // k}: raise {row.phase}.accum_steps to {pick} (micro-batch "
+                                  f"{section.batch_size // pick})")
+            else:
+                row.advice.append(f"activations take ~{_gib(acts)} GiB per chip and the micro-batch is already "
+                                  f"one row per batch shard ({section.batch_size // k} over {shards}): move batch "
+                                  f"shards to mesh.tensor (activations split over heads / MLP)")
             if cfg.model.remat != "full":
                 row.advice.append(f"model.remat=full (now {cfg.model.remat}) recomputes each layer in the backward "
                                   f"pass and keeps only the layer inputs")
@@ -669,7 +694,8 @@ def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
         comp = "-" if r.compute_s is None else f"{r.compute_s:.3g} ({r.matmul_s:.3g})"
         lines.append("| " + " | ".join([
             r.phase, _gib(r.params), _gib(r.opt_state), _gib(r.reference), approx + _gib(r.temps), _gib(r.kv_cache),
-            _gib(r.outside), f"{approx}{_gib(r.total)} / {_gib(r.hbm)}", r.verdict.split(" ")[0].rstrip(":"),
+            _gib(r.outside), f"{approx}{_gib(r.total)} / {_gib(r.hbm)}",
+            {"FITS": "yes", "TIGHT": "tight", "DOES": "**NO**"}.get(r.verdict.split(" ")[0], r.verdict[:12]),
             fl, comp, _fmt(r.collective_s, ".3g"), _fmt(r.step_s, ".3g"),
             "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"]) + " |")
     notes = []

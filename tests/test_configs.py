@@ -104,7 +104,7 @@ def test_tldr_template_renders_query_space_summary_eos(shared_data):
 # ---- overrides -------------------------------------------------------------------------------------------------
 
 def test_unknown_key_is_rejected_with_suggestions():
-    with pytest.raises(ConfigError, match=r"unknown config key 'policy.learnig_rate'.*Did you mean policy\.learning_rate"):
+    with pytest.raises(ConfigError, match=r"key 'policy.learnig_rate'.*Did you mean policy\.learning_rate"):
         config_lib.load("ultrachat_dil", ["policy.learnig_rate=1e-6"])
     with pytest.raises(ConfigError, match="Did you mean"):
         config_lib.load("ultrachat_dil", ["polcy.beta=0.1"])

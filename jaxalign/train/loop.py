@@ -129,6 +129,9 @@ def run_loop(
                 print(msg + " Skipped (skip_nonfinite).")
             tokens = float(np.sum(host_batch["attention_mask"])) if "attention_mask" in host_batch else float(
                 np.sum(host_batch.get("chosen_attention_mask", 0)) + np.sum(host_batch.get("rejected_attention_mask", 0)))
+            # each process holds an equal share of the global batch: scale its count to the global one (estimate), so
+            # tokens/s and MFU (divided by the peak of every device in the mesh) are global figures
+            tokens *= jax.process_count()
             metrics["tokens_per_second"] = tokens / dt
             if flops_fn is not None and peak_flops:
                 seq = next(v.shape[1] for k, v in host_batch.items() if k.endswith("input_ids"))
