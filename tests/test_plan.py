@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxalign import plan as plan_lib
-from jaxalign.plan_hlo import analyze, group_size, parse_instr, ring_bytes
+from jaxalign.plan.hlo import analyze, group_size, parse_instr, ring_bytes
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 

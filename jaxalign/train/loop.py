@@ -122,9 +122,11 @@ def run_loop(
                        f"{sorted(set(r for r in rows if r >= 0))[:32]}.")
                 if not skip_nonfinite:
                     checkpointer.wait()
-                    raise NonFiniteError(msg + f" The state was not updated; the last good checkpoint is step "
-                                               f"{checkpointer.latest_step()}. Set skip_nonfinite=true to skip such "
-                                               f"steps, or lower the learning rate.")
+                    last = checkpointer.latest_step()
+                    where = (f"the last good checkpoint is step {last}" if last is not None else
+                             "there is no checkpoint yet (a re-run starts the phase from its beginning)")
+                    raise NonFiniteError(msg + f" The state was not updated; {where}. Set skip_nonfinite=true to skip "
+                                               f"such steps, or lower the learning rate.")
                 counters["nonfinite_steps_skipped"] = counters.get("nonfinite_steps_skipped", 0) + 1
                 print(msg + " Skipped (skip_nonfinite).")
             tokens = float(np.sum(host_batch["attention_mask"])) if "attention_mask" in host_batch else float(

@@ -1,29 +1,8 @@
-"""AOT plan of a recipe on a TPU slice, from this machine: per-chip memory, FLOPs, estimated step time, MFU, verdict.
-
-    python launch/tpu_run.py --config ultrachat_dil --plan v5p:4x4x4 [mesh.fsdp=16 policy.accum_steps=2 ...]
-
-With ``libtpu`` installed (``pip install -e ".[tpu]"``), ``jax.experimental.topologies.get_topology_desc`` describes the
-slice's devices without a TPU, and the engine's own jitted functions — :func:`jaxalign.train.steps.make_train_step`
-for the SFT / reward / preference steps (the preference step with its frozen reference), the sampler's
-``_prefill_fn`` / ``_decode_fn`` — are lowered with abstract inputs (``ShapeDtypeStruct`` carrying the recipe's
-shardings) and compiled by the TPU compiler. Only the model's ``config.json`` is needed (the recipe models' configs are
-in ``configs/models/``). For each phase:
-
-- memory per chip: parameters, optimizer state and reference weights as the compiler lays them out (a no-op program
-  taking just that tree, ``memory_analysis().argument_size_in_bytes``); activations / temporaries
-  (``temp_size_in_bytes`` of the step); KV cache; what the phase keeps on the chip outside the step (see ``OUTSIDE``);
-  ``total = arguments + outputs - aliased (donated) + temporaries + outside``, against the HBM the compiler may use.
-  When the step does not fit, the TPU compiler refuses it (RESOURCE_EXHAUSTED) and its message gives the total.
-- FLOPs per step and the compiler's estimated compute time, loop-aware (:mod:`jaxalign.plan_hlo`; the compiler's
-  ``cost_analysis()`` counts a scanned layer once); collective time from the bytes each chip sends and the slice's
-  ICI bandwidth (a model: the compiler gives none); step time = max(compute, collectives), i.e. collectives overlapped.
-- MFU: :func:`jaxalign.flops.mfu`, the formula the training metrics use (model FLOPs of the trained tokens, remat and
-  the reference forward not counted), at the estimated step time and the chip's peak from ``jaxalign.flops.PEAK_FLOPS``.
-"""
+"""The phases compiled for a slice: abstract inputs with the recipe's shardings, the engine's train steps and the
+sampler's prefill / decode, and what each compiled program costs (memory, FLOPs, time)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import re
 import shutil
@@ -32,10 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxalign.config import ConfigError
+from jaxalign.plan.tpu import PlanError, Slice, hbm_allocated, parse_oom
 
-GiB = 2**30
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 # hub id -> file in configs/models (any other id is tried as <repo name lower-cased>.json)
 HUB_CONFIGS = {
     "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",
@@ -45,56 +23,6 @@ HUB_CONFIGS = {
     "EleutherAI/pythia-1b-deduped": "pythia-1b.json",
     "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b-instruct.json",
 }
-FIT_MARGIN = 0.9  # FITS below this fraction of the usable HBM, TIGHT up to 1.0
-OUTSIDE = ("train phases: the phase's loaded params stay alive next to the train state's copy "
-           "(jaxalign.train.state.create_state copies them); sampling: the param_dtype params the phase loaded, next "
-           "to the compute-dtype copies the sampler makes")
-
-
-class PlanError(ConfigError):
-    """A topology, model or mesh that cannot be planned; the message says what to change (the launcher prints it
-    and exits 2, like any bad config)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    name: str
-    hbm: float  # bytes per device the TPU compiler may use (from its RESOURCE_EXHAUSTED message)
-    mxu_flops_per_cycle: int  # per device: MXUs x 2 x systolic array size
-    ici_link: float  # bytes/s of one ICI link, both directions (collectives model)
-
-
-# keyed by device_kind (lower case). v2 / v3 / v4 topologies list each TensorCore as a device.
-CHIPS = {
-    "tpu v2": Chip("v2", 7.48 * GiB, 1 * 2 * 128 * 128, 2 * 31e9),
-    "tpu v3": Chip("v3", 15.48 * GiB, 2 * 2 * 128 * 128, 2 * 41e9),
-    "tpu v4": Chip("v4", 15.25 * GiB, 4 * 2 * 128 * 128, 2 * 45e9),
-    "tpu v5 lite": Chip("v5e", 15.75 * GiB, 4 * 2 * 128 * 128, 2 * 45e9),
-    "tpu v5": Chip("v5p", 95.74 * GiB, 8 * 2 * 128 * 128, 2 * 90e9),
-    "tpu v6 lite": Chip("v6e", 31.25 * GiB, 4 * 2 * 256 * 256, 2 * 90e9),
-}
-
-
-@dataclasses.dataclass
-class Slice:
-    name: str
-    devices: list
-    chip: Chip
-    peak: float  # bf16 FLOP/s per device (jaxalign.flops.PEAK_FLOPS)
-    dims: tuple[int, ...]
-
-    @property
-    def clock(self) -> float:
-        return self.peak / self.chip.mxu_flops_per_cycle
-
-    def ici_bandwidth(self, group: int) -> float:
-        """Bytes/s a chip moves in a ring collective over ``group`` chips: one link per torus dimension the group
-        spans (the mesh is laid out over the torus by jax.make_mesh), both directions."""
-        dims, k, span = sorted((d for d in self.dims if d > 1), reverse=True), 0, 1
-        while span < group and k < len(dims):
-            span *= dims[k]
-            k += 1
-        return self.chip.ici_link * max(k, 1)
 
 
 @dataclasses.dataclass
@@ -128,51 +56,7 @@ class PhaseRow:
         return self.total <= self.hbm
 
 
-# ---- inputs: topology, model, mesh ------------------------------------------------------------------------------
-
-def require_libtpu() -> None:
-    if importlib.util.find_spec("libtpu") is None:
-        raise PlanError('--plan compiles for a TPU with the TPU compiler, which comes with libtpu; it is not '
-                        'installed. Install the TPU extra: pip install -e ".[tpu]" (or pip install "libtpu==0.0.42.*" '
-                        'for jax 0.10.2). No TPU is needed: the plan runs on this machine\'s CPU.')
-
-
-def get_slice(topology: str) -> Slice:
-    """The devices of a TPU slice named like ``v5p:4x4x4``, ``v5e:16x16`` or ``v5e:1x1`` (one chip)."""
-    require_libtpu()
-    import os
-
-    # without a TPU nothing is shared: let several plans (and test workers) load libtpu at once
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    import jax
-    from jax.experimental import topologies
-
-    from jaxalign.flops import PEAK_FLOPS
-
-    m = re.fullmatch(r"(v\d[a-z]*):(\d+(?:x\d+)*)", topology.strip())
-    if not m:
-        raise PlanError(f"--plan {topology!r}: expected GENERATION:AxBxC, e.g. v5p:2x2x1 (4 chips), v5e:4x4, "
-                        f"v5p:4x4x4, v5e:16x16, v6e:4x4, or v5e:1x1 for one chip.")
-    dims = tuple(int(x) for x in m.group(2).split("x"))
-    kw = {"chips_per_host_bounds": (1,) * max(len(dims), 3)} if math.prod(dims) == 1 else {}
-    try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.strip(), **kw)
-    except Exception as e:  # libtpu raises a plain runtime error for unknown names
-        raise PlanError(f"--plan {topology!r}: libtpu could not describe this slice ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300]}). Names that work: v5p:2x2x1, v5e:4x4, v5p:4x4x4, "
-                        f"v5e:16x16, v6e:4x4, v5e:1x1, v2:2x2.") from None
-    devices = list(desc.devices)
-    kind = devices[0].device_kind.lower()
-    chip = CHIPS.get(kind)
-    if chip is None:
-        raise PlanError(f"--plan {topology!r}: device kind {devices[0].device_kind!r} has no HBM / clock entry in "
-                        f"jaxalign.plan.CHIPS; known: {', '.join(sorted(CHIPS))}.")
-    peak = next(p for k, p in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])) if kind.startswith(k))
-    if chip.name == "v4" and len(devices) == 2 * math.prod(dims):  # PEAK_FLOPS is per v4 chip (2 cores)
-        peak /= 2
-    del jax
-    return Slice(topology.strip(), devices, chip, peak, dims)
-
+# ---- inputs: model, mesh ---------------------------------------------------------------------------------------
 
 def resolve_model_file(path: str) -> Path:
     """config.json of ``model.path``: a local folder / config file, or a hub id mapped to ``configs/models``."""
@@ -273,21 +157,6 @@ def compiled_bytes(tree) -> float:
         return tree_bytes(tree)
 
 
-def hbm_allocated(folder: str) -> float | None:
-    """Bytes of HBM the compiled program reserves per device: the sum of its buffer assignment's allocations in the
-    default memory space (parameters, outputs, the preallocated temporary heap, constants), read from the compiler's
-    dump. None if the dump has no buffer assignment."""
-    files = sorted(Path(folder).glob("*after_optimizations-buffer-assignment.txt"))
-    if not files:
-        return None
-    total = 0.0
-    for line in files[-1].read_text().splitlines():
-        m = re.match(r"allocation \d+: size (\d+)(.*)", line)
-        if m and not re.search(r"\bcolor [1-9]", m.group(2)):
-            total += float(m.group(1))
-    return total
-
-
 def _dump(row: PhaseRow, text: str, what: str) -> None:
     """With JAXALIGN_PLAN_DUMP=DIR, keep the optimized HLO (or the compiler's out-of-memory report) of each phase."""
     import os
@@ -300,25 +169,11 @@ def _dump(row: PhaseRow, text: str, what: str) -> None:
 
 # ---- compile and measure ----------------------------------------------------------------------------------------
 
-_OOM = [re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
-        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")]
-_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_oom(message: str) -> tuple[float, float] | None:
-    """(required, available) bytes from the TPU compiler's RESOURCE_EXHAUSTED message, or None."""
-    for pat in _OOM:
-        m = pat.search(message)
-        if m:
-            return float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)]
-    return None
-
-
 def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any], args: tuple, *, tokens: float,
                         seq_len: int, backward: bool, kv: float = 0.0, extra_args: float = 0.0):
     """Lower ``build()`` on ``args``, compile for the slice, fill the memory / FLOPs / time fields of ``row``."""
     from jaxalign import flops as flops_lib
-    from jaxalign.plan_hlo import analyze
+    from jaxalign.plan.hlo import analyze
 
     t0 = time.perf_counter()
     dump = tempfile.mkdtemp(prefix="jaxalign_plan_")
@@ -368,12 +223,22 @@ def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any]
 
 # ---- the phases -------------------------------------------------------------------------------------------------
 
-def _optimizer(section):
+def _optimizer(section, mu_dtype: str = ""):
     from jaxalign.train.optim import OptimConfig, make_optimizer
 
-    return make_optimizer(OptimConfig(name=section.optimizer, learning_rate=section.learning_rate,
-                                      schedule=section.schedule, warmup_ratio=section.warmup_ratio,
-                                      weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm), 1000)
+    optim = OptimConfig(name=section.optimizer, learning_rate=section.learning_rate, schedule=section.schedule,
+                        warmup_ratio=section.warmup_ratio, weight_decay=section.weight_decay,
+                        max_grad_norm=section.max_grad_norm)
+    opt, schedule = make_optimizer(optim, 1000)
+    if mu_dtype and optim.name == "adamw":  # the same chain with AdamW's first moment in mu_dtype
+        import jax.numpy as jnp
+        import optax
+
+        opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                          mu_dtype=jnp.dtype(mu_dtype))
+        if optim.max_grad_norm and optim.max_grad_norm > 0:
+            opt = optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), opt)
+    return opt, schedule
 
 
 def _check_batch(name: str, section, mesh) -> None:
@@ -386,7 +251,23 @@ def _check_batch(name: str, section, mesh) -> None:
                         f"batch_size a multiple of accum_steps x {shards}.")
 
 
-def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice) -> PhaseRow:
+@dataclasses.dataclass(frozen=True)
+class WhatIf:
+    """Engine changes to plan before making them (the default plans the engine as it is).
+
+    - ``precomputed_reference``: the preference step reads reference log-probs from the batch
+      (``StepConfig(reference="precomputed")``, :mod:`jaxalign.train.reference`) instead of holding the reference
+      weights and running their forward pass;
+    - ``donate_loaded_params``: ``create_state`` donates the loaded params instead of copying them (no second copy);
+    - ``mu_dtype``: AdamW's first moment in this dtype (``optax.adamw(mu_dtype=...)``), e.g. ``"bfloat16"``.
+    """
+
+    precomputed_reference: bool = False
+    donate_loaded_params: bool = False
+    mu_dtype: str = ""
+
+
+def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()) -> PhaseRow:
     import jax
     import jax.numpy as jnp
 
@@ -397,7 +278,7 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice) -> PhaseRow:
     name = {"sft": "sft", "reward": "reward", "preference": "policy"}[kind]
     _check_batch(name, section, mesh)
     params = abstract_params(mcfg, mesh, reward=kind == "reward")
-    optimizer, schedule = _optimizer(section)
+    optimizer, schedule = _optimizer(section, what_if.mu_dtype)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     shard = state_shardings(abstract, mesh)
     state = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, shard)
@@ -419,12 +300,18 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice) -> PhaseRow:
         if cfg.policy.reduce:
             overrides["reduce"] = cfg.policy.reduce
         _, objective = get_objective(cfg.policy.objective, **overrides)
+        mode = "none" if not objective.uses_reference else (
+            "precomputed" if what_if.precomputed_reference else "params")
         step_cfg = StepConfig("preference", accum_steps=section.accum_steps, objective=cfg.policy.objective,
-                              objective_args=tuple(sorted(overrides.items())),
-                              reference="params" if objective.uses_reference else "none")
-        if objective.uses_reference:
+                              objective_args=tuple(sorted(overrides.items())), reference=mode)
+        if mode == "params":
             ref = abstract_params(mcfg, mesh)
-        detail = f"{cfg.policy.objective}{', reference in step' if ref else ''}, "
+        if mode == "precomputed":
+            from jaxalign.sharding import batch_sharding
+
+            batch.update({k: _sds((section.batch_size,), jnp.float32, batch_sharding(mesh, 1))
+                          for k in ("ref_chosen_logps", "ref_rejected_logps")})
+        detail = f"{cfg.policy.objective}, reference {'in step' if ref else mode}, "
     rows_per_item = 1 if kind == "sft" else 2
     detail += (f"{section.batch_size} {'seqs' if kind == 'sft' else 'pairs'} x {T} tok"
                f"{f', accum {section.accum_steps}' if section.accum_steps > 1 else ''}, remat {mcfg.remat}")
@@ -432,7 +319,9 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice) -> PhaseRow:
     row.params = compiled_bytes(params)
     row.opt_state = compiled_bytes(state.opt_state)
     row.reference = row.params if ref is not None else 0.0
-    row.outside = row.params  # the loaded params, alive next to the state's copy (OUTSIDE)
+    row.outside = 0.0 if what_if.donate_loaded_params else row.params  # the loaded params (report.OUTSIDE)
+    if what_if != WhatIf():
+        row.detail += f"; what if: {what_if}"
     args = (state, batch) + ((ref,) if ref is not None else ())
     build = lambda: make_train_step(mcfg, step_cfg, optimizer, schedule, mesh, shard, batch, ref)  # noqa: E731
     tokens = section.batch_size * rows_per_item * T
@@ -558,153 +447,3 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     dec.model_flops = B * n * flops_per_token(mcfg, cache_len, backward=False) / len(sl.devices)
     rows.append(dec)
     return rows
-
-
-# ---- verdicts ---------------------------------------------------------------------------------------------------
-
-def _gib(x: float) -> str:
-    return f"{x / GiB:.2f}"
-
-
-def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
-    """Fill ``verdict`` and, when it does not fit comfortably, ``advice``: which knob fixes it, and to what."""
-    from jaxalign.sharding import batch_shards
-
-    if row.verdict:
-        return
-    hbm, n = row.hbm, len(sl.devices)
-    frac = row.total / hbm
-    approx = "" if row.exact else "~"
-    if frac <= FIT_MARGIN:
-        row.verdict = f"FITS ({approx}{_gib(row.total)} of {_gib(hbm)} GiB, {100 * (1 - frac):.0f}% free)"
-        return
-    if frac <= 1.0:
-        row.verdict = f"TIGHT ({approx}{_gib(row.total)} of {_gib(hbm)} GiB, under {100 * (1 - FIT_MARGIN):.0f}% free)"
-    else:
-        row.verdict = (f"DOES NOT FIT: needs {approx}{_gib(row.total)} GiB per chip, {_gib(row.total - hbm)} GiB over "
-                       f"the {_gib(hbm)} GiB the compiler may use")
-    target = FIT_MARGIN * hbm
-    state_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    if row.phase in ("sft", "reward", "policy"):
-        section = {"sft": cfg.sft, "reward": cfg.reward, "policy": cfg.policy}[row.phase]
-        # what does not shrink with the micro-batch: weights, optimizer, reference, the loaded copy, gradients
-        fixed = row.params + row.opt_state + row.reference + row.outside + row.params
-        if fixed > 0.8 * target:
-            need = math.ceil(state_shards * fixed / (0.6 * target))
-            shards = 1 << math.ceil(math.log2(max(need, 1)))
-            if state_shards < shards <= n:
-                row.advice.append(f"weights, optimizer state, reference and gradients take {_gib(fixed)} GiB per "
-                                  f"chip: shard them over {shards} chips (mesh.fsdp x mesh.tensor = {shards}, now "
-                                  f"{state_shards})")
-            elif shards > n:
-                row.advice.append(f"weights, optimizer state, reference and gradients need ~{need} chips of this "
-                                  f"kind even fully sharded: a bigger slice, or a smaller state (reference "
-                                  f"log-probs precomputed instead of reference weights, the loaded params donated "
-                                  f"to the train state, bf16 optimizer moments)")
-        acts, room = row.total - fixed, target - fixed
-        if acts > max(room, 0.0):
-            k = max(1, section.accum_steps)
-            shards = batch_shards(mesh)
-            want = k * acts / max(room, acts / 64)
-            options = [k2 for k2 in range(k + 1, section.batch_size + 1)
-                       if section.batch_size % k2 == 0 and (section.batch_size // k2) % shards == 0]
-            pick = next((k2 for k2 in options if k2 >= want), options[-1] if options else None)
-            if pick:
-                row.advice.append(f"activations take ~{_gib(acts)} GiB per chip at micro-batch "
-                                  f"{section.batch_size // k}: raise {row.phase}.accum_steps to {pick} (micro-batch "
-                                  f"{section.batch_size // pick})")
-            else:
-                row.advice.append(f"activations take ~{_gib(acts)} GiB per chip and the micro-batch is already "
-                                  f"one row per batch shard ({section.batch_size // k} over {shards}): move batch "
-                                  f"shards to mesh.tensor (activations split over heads / MLP)")
-            if cfg.model.remat != "full":
-                row.advice.append(f"model.remat=full (now {cfg.model.remat}) recomputes each layer in the backward "
-                                  f"pass and keeps only the layer inputs")
-    else:
-        rest = row.total - row.params - row.outside
-        room = target - row.params - row.outside
-        if room <= 0:
-            row.advice.append("the weights alone fill the chip: raise mesh.fsdp / mesh.tensor")
-        else:
-            m = re.match(r"(\d+) prompts", row.detail)
-            b = int(m.group(1)) if m else 0
-            shards = batch_shards(mesh)
-            fit_b = max(shards, int(b * room / rest) // shards * shards) if b else 0
-            row.advice.append(f"KV cache + activations take {_gib(rest)} GiB per chip: set sample.batch_size="
-                              f"{fit_b} (prompts per batch; now {b})")
-
-
-# ---- the recipe -------------------------------------------------------------------------------------------------
-
-def phases_to_plan(cfg) -> list[str]:
-    from jaxalign.pipeline.phases import plan as phase_plan
-
-    kinds = {p.kind for p in phase_plan(cfg)}
-    out = [k for k in ("sft",) if k in kinds]
-    if "sample" in kinds:
-        out.append("sample")
-    elif "eval" in kinds:
-        out.append("eval")
-    out += [k for k in ("reward", "policy") if k in kinds]
-    return out
-
-
-def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn=print) -> list[PhaseRow]:
-    """Compile every phase of ``cfg`` for ``topology`` and print the plan; returns one row per compiled function."""
-    import jax
-
-    try:  # never probe for a local TPU while planning (libtpu is installed): compile on the CPU client
-        jax.config.update("jax_platforms", "cpu")
-    except Exception:
-        pass
-    sl = get_slice(topology)
-    mcfg = model_config(cfg)
-    mesh = make_mesh(cfg, sl)
-    rows: list[PhaseRow] = []
-    for phase in phases or phases_to_plan(cfg):
-        if phase in ("sample", "eval"):
-            rows += plan_sampler(cfg, mcfg, mesh, sl, phase=phase)
-        else:
-            rows.append(plan_train({"sft": "sft", "reward": "reward", "policy": "preference"}[phase], cfg, mcfg,
-                                   mesh, sl))
-        for r in rows:
-            judge(r, cfg, mesh, sl)
-    if print_fn is not None:
-        print_fn(format_plan(cfg, mcfg, sl, mesh, rows))
-    return rows
-
-
-def _fmt(x, spec: str, none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
-
-def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
-    n = len(sl.devices)
-    mesh_txt = " x ".join(f"{a} {mesh.shape[a]}" for a in ("data", "fsdp", "tensor"))
-    head = (f"### {cfg.run.name} on {sl.name}: {n} x {sl.devices[0].device_kind} ({sl.chip.name}), "
-            f"{_gib(sl.chip.hbm)} GiB HBM usable per chip, peak {sl.peak / 1e12:.0f} TFLOP/s bf16 per chip\n\n"
-            f"model {cfg.model.path} ({mcfg.num_params() / 1e9:.2f} B params; compute {mcfg.dtype}, params "
-            f"{mcfg.param_dtype}, remat {mcfg.remat}); mesh {mesh_txt}\n\n")
-    cols = ("phase", "params", "opt state", "reference", "acts / temps", "KV cache", "outside step", "total / HBM",
-            "fits", "TFLOP compiled / model", "compute s (matmul)", "ICI s", "est. step s", "MFU")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        approx = "" if r.exact else "~"
-        fl = "-" if r.flops is None else f"{r.flops / 1e12:.2f} / {r.model_flops / 1e12:.2f}"
-        comp = "-" if r.compute_s is None else f"{r.compute_s:.3g} ({r.matmul_s:.3g})"
-        lines.append("| " + " | ".join([
-            r.phase, _gib(r.params), _gib(r.opt_state), _gib(r.reference), approx + _gib(r.temps), _gib(r.kv_cache),
-            _gib(r.outside), f"{approx}{_gib(r.total)} / {_gib(r.hbm)}",
-            {"FITS": "yes", "TIGHT": "tight", "DOES": "**NO**"}.get(r.verdict.split(" ")[0], r.verdict[:12]),
-            fl, comp, _fmt(r.collective_s, ".3g"), _fmt(r.step_s, ".3g"),
-            "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"]) + " |")
-    notes = []
-    for r in rows:
-        notes.append(f"- **{r.phase}** ({r.detail}; compiled in {r.compile_s:.0f} s): {r.verdict}" +
-                     "".join(f"\n  - fix: {a}" for a in r.advice))
-    units = ("\nGiB per chip. 'outside step': " + OUTSIDE + ". TFLOP per chip per step (decode: per generated "
-             "token): matmul FLOPs of the compiled program (loops counted) / the analytic count (jaxalign.flops "
-             "+ remat recompute + reference forward). compute s: the TPU compiler's cycle estimates summed (in "
-             "brackets: instructions holding a matmul); ICI s: collective bytes per chip / ICI bandwidth (a model); "
-             "est. step = max of the two; MFU = jaxalign.flops.mfu at that step time.")
-    return head + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + units + "\n"
