@@ -48,7 +48,8 @@ def script_env(devices: int = 8) -> dict[str, str]:
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
     env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={devices}").strip()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("JAXALIGN_COMPILE_CACHE", compile_cache_dir())
+    if not env.get("JAXALIGN_COMPILE_CACHE"):
+        env["JAXALIGN_COMPILE_CACHE"] = compile_cache_dir()
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env

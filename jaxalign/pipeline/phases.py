@@ -90,3 +90,15 @@ def plan(cfg: Config) -> list[Phase]:
         for kind in order:
             phases.append(Phase(f"r{k}/{kind}", kind, k))
     return phases
+
+
+def policy_objective(cfg: Config):
+    """The policy step's objective and the hyper-parameter overrides the recipe sets (beta, reduce)."""
+    from jaxalign.losses import get_objective
+
+    overrides: dict = {}
+    if cfg.policy.beta >= 0:
+        overrides["beta"] = cfg.policy.beta
+    if cfg.policy.reduce:
+        overrides["reduce"] = cfg.policy.reduce
+    return get_objective(cfg.policy.objective, **overrides)[1], overrides

@@ -23,7 +23,7 @@ import numpy as np
 from jaxalign import config as config_lib
 from jaxalign import sharding
 from jaxalign.config import Config, ConfigError
-from jaxalign.pipeline.phases import SECTIONS, Phase, plan
+from jaxalign.pipeline.phases import SECTIONS, Phase, plan, policy_objective
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -430,14 +430,7 @@ class Pipeline:
         ref_dir = init_dir if cfg.policy.reference == "previous" else self.sft_dir()
         if cfg.policy.reference not in ("sft", "previous"):
             raise ConfigError(f"policy.reference={cfg.policy.reference!r}; choose sft or previous.")
-        overrides = {}
-        if cfg.policy.beta >= 0:
-            overrides["beta"] = cfg.policy.beta
-        if cfg.policy.reduce:
-            overrides["reduce"] = cfg.policy.reduce
-        from jaxalign.losses import get_objective
-
-        _, objective = get_objective(cfg.policy.objective, **overrides)
+        objective, overrides = policy_objective(cfg)
         ref_params = self._load_policy(ref_dir) if objective.uses_reference else None
         step_cfg = StepConfig("preference", accum_steps=cfg.policy.accum_steps, objective=cfg.policy.objective,
                               objective_args=tuple(sorted(overrides.items())),

@@ -292,14 +292,9 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
         step_cfg = StepConfig("reward", accum_steps=section.accum_steps, margin=cfg.reward.margin,
                               center_coef=cfg.reward.center_coef)
     else:
-        from jaxalign.losses import get_objective
+        from jaxalign.pipeline.phases import policy_objective
 
-        overrides = {}
-        if cfg.policy.beta >= 0:
-            overrides["beta"] = cfg.policy.beta
-        if cfg.policy.reduce:
-            overrides["reduce"] = cfg.policy.reduce
-        _, objective = get_objective(cfg.policy.objective, **overrides)
+        objective, overrides = policy_objective(cfg)
         mode = "none" if not objective.uses_reference else (
             "precomputed" if what_if.precomputed_reference else "params")
         step_cfg = StepConfig("preference", accum_steps=section.accum_steps, objective=cfg.policy.objective,

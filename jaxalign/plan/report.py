@@ -66,8 +66,11 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
                                   f"{section.batch_size // pick})")
             else:
                 row.advice.append(f"activations take ~{_gib(acts)} GiB per chip and the micro-batch is already "
-                                  f"one row per batch shard ({section.batch_size // k} over {shards}): move batch "
-                                  f"shards to mesh.tensor (activations split over heads / MLP)")
+                                  f"one row per batch shard ({section.batch_size // k} over {shards}): trade batch "
+                                  f"shards for mesh.tensor (activations split over heads / MLP), or free the "
+                                  f"engine's copies: the loaded params ({_gib(row.outside)} GiB, donate them to the "
+                                  f"train state) and the reference weights ({_gib(row.reference)} GiB, precompute "
+                                  f"reference log-probs)")
             if cfg.model.remat != "full":
                 row.advice.append(f"model.remat=full (now {cfg.model.remat}) recomputes each layer in the backward "
                                   f"pass and keeps only the layer inputs")
