@@ -6,7 +6,8 @@ The slow test compiles a tiny model's SFT step for a v5e:2x2 slice (4 chips) wit
 - parameters per chip = parameter count x 4 bytes (float32) / 4 shards, within 1% (TPU tiles could pad a dimension
   smaller than a tile; the tiny config keeps every sharded dimension a multiple of 128 so only the 1-D norms may pad);
 - optimizer state per chip = 2 x parameters (AdamW's two moments) within 1%;
-- matmul FLOPs of the compiled step within 10% of the analytic count (6 N + attention, plus remat's extra forward).
+- matmul FLOPs of the compiled step within 2% of the analytic count (6 N + attention, plus what remat recomputes);
+  the issue asks for 10%, the count is exact on the 7B plans (docs/plan.md).
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def test_plan_tiny_sft_on_v5e_2x2(tmp_path):
     assert row.hbm == pytest.approx(15.75 * 2**30)
 
     # FLOPs: compiled program vs analytic (flops_per_token + remat's extra forward), per chip
-    assert row.flops == pytest.approx(row.model_flops, rel=0.10)
+    assert row.flops == pytest.approx(row.model_flops, rel=0.02)
     seq = 255
     assert row.model_flops > 8 * 255 * flops_per_token(mcfg, seq) / 4  # remat adds to the 6N count
     # MFU is jaxalign.flops.mfu at the estimated step time

@@ -59,9 +59,8 @@ def sampling_bytes_per_device(cfg: ModelConfig, *, prompts_per_batch: int, num_s
       [P (4 H + 3 F) c + heads P S 4 x 1.5 / t]: hidden and MLP activations (``c`` = itemsize of the compute dtype)
       and one layer's float32 attention scores (plus part of the probabilities, which XLA mostly fuses); plus the
       sampling transients below (the first token is sampled in the prefill);
-    - decode   = ``(2 + 4 / L) KV(R)``: the cache carried by the loop (donated, updated in place), the second buffer
-      the decoder's layer scan writes the updated cache into (it scans the cache as xs -> ys), and a few one-layer
-      slices it copies; plus the sampling transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or
+    - decode   = ``(1 + 1.5 / L) KV(R)``: the cache carried by the loop and by the decoder's layer scan (donated,
+      updated in place: only the new tokens are written), and the one-layer slices attention reads; plus the sampling transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or
       sorted logits and their ids, probabilities, cumulative sums, random bits and Gumbel noise);
     - total    = max(prefill, decode).
 
@@ -80,7 +79,7 @@ def sampling_bytes_per_device(cfg: ModelConfig, *, prompts_per_batch: int, num_s
     transients = math.ceil(rows / b) * cfg.vocab_size * 32
     prefill = kv + pre_cache + int(4 / cfg.num_layers * kv_cache_bytes(cfg, prompts_per_batch, cache_len, cache_dtype)
                                    // (b * t)) + pre_act + transients
-    decode = int((2 + 4 / cfg.num_layers) * kv) + transients
+    decode = int((1 + 1.5 / cfg.num_layers) * kv) + transients
     return {"kv_cache": kv, "prefill": prefill, "decode": decode, "total": max(prefill, decode)}
 
 
