@@ -27,6 +27,8 @@ HUB_CONFIGS = {
 
 @dataclasses.dataclass
 class PhaseRow:
+    """One compiled function of a phase: bytes per device, FLOPs per device per step, seconds, verdict."""
+
     phase: str
     detail: str = ""
     params: float = 0.0
@@ -40,7 +42,7 @@ class PhaseRow:
     verdict: str = ""
     advice: list = dataclasses.field(default_factory=list)
     flops: float | None = None  # per device per step, from the compiled program (matmuls)
-    model_flops: float | None = None  # per device per step, analytic (see FLOPS_NOTE)
+    model_flops: float | None = None  # per device per step, analytic (model_step_flops / prefill_flops)
     compute_s: float | None = None
     matmul_s: float | None = None  # the part of compute_s in instructions that hold a matmul
     collective_s: float | None = None

@@ -65,12 +65,13 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
                                   f"{section.batch_size // k}: raise {row.phase}.accum_steps to {pick} (micro-batch "
                                   f"{section.batch_size // pick})")
             else:
+                copies = [f"the loaded params ({_gib(row.outside)} GiB: donate them to the train state)"] * (
+                    row.outside > 0) + [f"the reference weights ({_gib(row.reference)} GiB: precompute reference "
+                                        f"log-probs)"] * (row.reference > 0)
                 row.advice.append(f"activations take ~{_gib(acts)} GiB per chip and the micro-batch is already "
                                   f"one row per batch shard ({section.batch_size // k} over {shards}): trade batch "
-                                  f"shards for mesh.tensor (activations split over heads / MLP), or free the "
-                                  f"engine's copies: the loaded params ({_gib(row.outside)} GiB, donate them to the "
-                                  f"train state) and the reference weights ({_gib(row.reference)} GiB, precompute "
-                                  f"reference log-probs)")
+                                  f"shards for mesh.tensor (activations split over heads / MLP)" +
+                                  (f", or free the engine's copies: {' and '.join(copies)}" if copies else ""))
             if cfg.model.remat != "full":
                 row.advice.append(f"model.remat=full (now {cfg.model.remat}) recomputes each layer in the backward "
                                   f"pass and keeps only the layer inputs")
@@ -95,8 +96,10 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
     n = len(sl.devices)
     mesh_txt = " x ".join(f"{a} {mesh.shape[a]}" for a in ("data", "fsdp", "tensor"))
-    head = (f"### {cfg.run.name} on {sl.name}: {n} x {sl.devices[0].device_kind} ({sl.chip.name}), "
-            f"{_gib(sl.chip.hbm)} GiB HBM usable per chip, peak {sl.peak / 1e12:.0f} TFLOP/s bf16 per chip\n\n"
+    u = sl.unit
+    head = (f"### {cfg.run.name} on {sl.name}: {n} x {sl.devices[0].device_kind} ({sl.chip.name}"
+            f"{'' if u == 'chip' else ', one device per TensorCore'}), {_gib(sl.chip.hbm)} GiB HBM usable per {u}, "
+            f"peak {sl.peak / 1e12:.1f} TFLOP/s bf16 per {u}\n\n"
             f"model {cfg.model.path} ({mcfg.num_params() / 1e9:.2f} B params; compute {mcfg.dtype}, params "
             f"{mcfg.param_dtype}, remat {mcfg.remat}); mesh {mesh_txt}\n\n")
     cols = ("phase", "params", "opt state", "reference", "acts / temps", "KV cache", "outside step", "total / HBM",
@@ -116,7 +119,7 @@ def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
     for r in rows:
         notes.append(f"- **{r.phase}** ({r.detail}; compiled in {r.compile_s:.0f} s): {r.verdict}" +
                      "".join(f"\n  - fix: {a}" for a in r.advice))
-    units = ("\nGiB per chip. 'outside step': " + OUTSIDE + ". TFLOP per chip per step (decode: per generated "
+    units = (f"\nGiB per {u}. 'outside step': " + OUTSIDE + f". TFLOP per {u} per step (decode: per generated "
              "token): matmul FLOPs of the compiled program (loops counted) / the analytic count (jaxalign.flops "
              "+ remat recompute + reference forward). compute s: the TPU compiler's cycle estimates summed (in "
              "brackets: instructions holding a matmul); ICI s: collective bytes per chip / ICI bandwidth (a model); "

@@ -46,6 +46,11 @@ class Slice:
     dims: tuple[int, ...]
 
     @property
+    def unit(self) -> str:
+        """What one device is: a chip (v5e, v5p, v6e) or a TensorCore (v2, v3, v4 topologies list cores)."""
+        return "chip" if len(self.devices) == math.prod(self.dims) else "core"
+
+    @property
     def clock(self) -> float:
         return self.peak / self.chip.mxu_flops_per_cycle
 
