@@ -58,6 +58,7 @@ class Dataset:
     source: str = ""  # hub id or local json / jsonl / parquet
     split: str = "train"
     name: str = ""  # hub config name
+    data_dir: str = ""  # a folder inside the hub repository (Anthropic/hh-rlhf: harmless-base, helpful-base)
     format: str = "auto"
     limit: int = 0  # 0 = all rows
 
@@ -96,6 +97,7 @@ class Train:
 class Reward(Train):
     margin: float = 0.0
     center_coef: float = 0.0
+    loss: str = "bradley_terry"  # bradley_terry (pairs) | afd_discriminator (AfD: pointwise, positives vs negatives)
     reinit_each_round: bool = True  # the IRL authors re-initialise the RM from the SFT backbone every round
     accumulate_pairs: bool = True  # train round k's RM on the (demo, sample) pairs of rounds 1..k
 
@@ -119,6 +121,9 @@ class Sample:
     top_k: int = 0
     batch_size: int = 0  # 0 = planned from memory
     limit: int = 0  # prompts per round (0 = all training prompts)
+    # The IRL reward model's rejected responses: one extra sample per prompt at this temperature (the IRL authors
+    # sample near-greedily, 0.01); -1 = reuse the first of the policy samples (sample.temperature)
+    negative_temperature: float = -1.0
 
 
 @dataclasses.dataclass
@@ -127,6 +132,7 @@ class Eval:
     max_new_tokens: int = 256
     temperature: float = 0.0
     table_rows: int = 4
+    best_of_n: int = 0  # >0: also answer with the best of N samples (sample.temperature) ranked by the round's RM
 
 
 @dataclasses.dataclass
@@ -347,6 +353,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         number(f"{section}.save_every", t.save_every, low=1)
     number("reward.margin", cfg.reward.margin)
     number("reward.center_coef", cfg.reward.center_coef, low=0.0)
+    choice("reward.loss", cfg.reward.loss, ("bradley_terry", "afd_discriminator"))
     p = cfg.policy
     need(p.beta == -1 or (math.isfinite(p.beta) and p.beta > 0), "policy.beta", p.beta,
          "must be > 0, or -1 for the objective's default")
@@ -374,11 +381,14 @@ def validate(cfg: Config, where: str = "config") -> None:
     number("sample.top_k", s.top_k, low=0)
     number("sample.batch_size", s.batch_size, low=0)
     number("sample.limit", s.limit, low=0)
+    need(s.negative_temperature == -1 or (math.isfinite(s.negative_temperature) and s.negative_temperature >= 0),
+         "sample.negative_temperature", s.negative_temperature, "must be >= 0, or -1 to reuse the policy samples")
     e = cfg.eval
     number("eval.num_prompts", e.num_prompts, low=1)
     number("eval.max_new_tokens", e.max_new_tokens, low=1)
     number("eval.temperature", e.temperature, low=0.0)
     number("eval.table_rows", e.table_rows, low=0)
+    number("eval.best_of_n", e.best_of_n, low=0)
     number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")

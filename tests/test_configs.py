@@ -82,6 +82,8 @@ def test_spin_dpo_tldr_afd_colab():
     afd = config_lib.load("hh_afd")
     assert afd.run.method == "afd" and afd.data.train.format == "hh" and afd.data.train.source == "Anthropic/hh-rlhf"
     assert [p.kind for p in plan(afd)] == ["sft", "eval", "sample", "reward", "eval"]
+    assert {afd.data.train.data_dir, afd.data.eval_prompts.data_dir, afd.data.eval_prefs.data_dir} == {"harmless-base"}
+    assert afd.reward.loss == "afd_discriminator" and afd.eval.best_of_n > 1
     colab = config_lib.load("colab_smoke")
     assert colab.run.rounds == 1 and colab.data.train.limit and colab.model.path == "Qwen/Qwen2.5-0.5B-Instruct"
 

@@ -68,6 +68,24 @@ def test_hub_errors_are_one_paragraph(monkeypatch):
     assert "['test_sft', 'train_sft']" in str(err.value) and "HuggingFaceH4/ultrachat_200k" in str(err.value)
 
 
+def test_hub_data_dir_reaches_load_dataset(monkeypatch, tmp_path):
+    """data_dir (a folder of a hub repo: Anthropic/hh-rlhf's harmless-base) is passed to datasets.load_dataset and
+    named in the report; a hub table read this way goes through the same normalisation as local files."""
+    import datasets
+
+    seen = {}
+    hh = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}]
+
+    def fake_load(path, name=None, **kwargs):
+        seen.update(path=path, name=name, **kwargs)
+        return datasets.Dataset.from_list(hh)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    records, report = load_records("Anthropic/hh-rlhf", split="train", data_dir="harmless-base", format="hh")
+    assert seen["path"] == "Anthropic/hh-rlhf" and seen["data_dir"] == "harmless-base" and seen["split"] == "train"
+    assert len(records) == 1 and records[0].rejected is not None and "harmless-base" in report.name
+
+
 def test_hub_id_offline_is_a_clear_error():
     # conftest sets HF_HUB_OFFLINE=1: the real hub call runs and fails fast.
     with pytest.raises(DataError, match="Could not load the hub dataset 'someone/no-such-dataset'"):

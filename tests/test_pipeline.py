@@ -316,6 +316,41 @@ def test_interrupted_demo_resumes_to_identical_results(tmp_path_factory):
         assert got[key] == expected[key], f"{key} differs after interruptions (SFT killed after step {killed_at})"
 
 
+# ---- AfD: the discriminator reward and best-of-N with it ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_afd_discriminator_and_best_of_n_on_the_demo_task(jax_cache, tmp_path):
+    """run.method=afd on the demo task: SFT, then r1/sample draws pi_SFT answers (positives) and pi_init answers
+    (negatives), r1/reward trains the pointwise AfD discriminator on them, and r1/eval answers greedily and with the
+    best of N SFT samples ranked by the discriminator's logit. Checks the phases, the samples of both policies, the
+    discriminator's logged metrics against their definitions, and the best-of-N answers and metrics."""
+    work = tmp_path / "afd"
+    overrides = SHRUNK_DEMO + ["run.method=afd", "reward.loss=afd_discriminator", "eval.best_of_n=3"]
+    rc, out = _finish(_launch("demo_cpu", work, overrides, jax_cache))
+    assert rc == 0, out[-4000:]
+    done = _done(work)
+    assert set(done) == {"sft", "eval0", "r1_sample", "r1_reward", "r1_eval"}, out[-2000:]
+    samples = json.loads((work / "phases" / "r1_sample" / "samples.json").read_text())
+    assert len(samples["negatives"]) == len(samples["samples"]) == 32
+    logged = (work / "phases" / "r1_reward" / "tb" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in logged]
+    train = [r for r in rows if r.get("split") == "train"]
+    assert len(train) == 8
+    import math
+
+    for r in train:  # accuracy = mean of the per-class accuracies; margin = mean positive - mean negative logit
+        assert 0.0 <= r["accuracy/positive"] <= 1.0 and 0.0 <= r["accuracy/negative"] <= 1.0
+        assert math.isclose(r["accuracy"], 0.5 * (r["accuracy/positive"] + r["accuracy/negative"]), abs_tol=1e-6)
+        assert r["loss"] >= 0.0 and r["rewards/margins"] == pytest.approx(
+            r["rewards/positive"] - r["rewards/negative"], abs=1e-5)
+    metrics = done["r1_eval"]["metrics"]
+    assert 0.0 <= metrics["bon_gold"] <= 1.0 and 0.0 <= metrics["bon_rm_win_rate_vs_sft"] <= 1.0
+    assert metrics["rm_win_rate_vs_sft"] == 0.5  # AfD has no policy phase: the greedy answers are SFT's (all ties)
+    ev = json.loads((work / "phases" / "r1_eval" / "eval.json").read_text())
+    assert len(ev["best_of_n_answers"]) == len(ev["answers"]) == 16
+    assert "bon_gold" in (work / "report.md").read_text()
+
+
 # ---- the Colab notebook, on CPU ------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -104,8 +104,10 @@ def load_table(
     split: str = "train",
     name: str | None = None,
     cache_dir: str | None = None,
+    data_dir: str | None = None,
 ):
-    """The ``datasets.Dataset`` for ``source`` and ``split`` (see the module docstring)."""
+    """The ``datasets.Dataset`` for ``source`` and ``split`` (see the module docstring). ``data_dir`` picks a folder
+    inside a hub repository (Anthropic/hh-rlhf keeps harmless-base / helpful-base as folders, not configs)."""
     import datasets  # heavy; only readers of data pay for it
 
     if _looks_local(source):
@@ -118,7 +120,7 @@ def load_table(
             raise DataError(f"Local data must be all .json/.jsonl or all .parquet files; got {found}.")
         return datasets.load_dataset(builders.pop(), data_files=files, split=split, cache_dir=cache_dir)
     try:
-        return datasets.load_dataset(source, name, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(source, name, split=split, cache_dir=cache_dir, data_dir=data_dir or None)
     except ValueError as err:
         message = str(err)
         if message.startswith("Unknown split"):
@@ -129,7 +131,7 @@ def load_table(
         raise
     except (ConnectionError, FileNotFoundError) as err:
         raise DataError(
-            f"Could not load the hub dataset {source!r} (config {name!r}, split {split!r}): {err}. Hub ids need "
+            f"Could not load the hub dataset {source!r} (config {name!r}, data_dir {data_dir!r}, split {split!r}): {err}. Hub ids need "
             "network access or a warm Hugging Face cache; for local files pass a path ending in .json/.jsonl/.parquet."
         ) from None
 
@@ -142,11 +144,11 @@ def iter_rows(table, batch_size: int = 1000) -> Iterator[dict]:
             yield dict(zip(keys, values))
 
 
-def _label(source, split: str, name: str | None) -> str:
+def _label(source, split: str, name: str | None, data_dir: str | None = None) -> str:
     if isinstance(source, (str, os.PathLike)) and _looks_local(source):
         base = Path(os.fspath(source)).name
     elif isinstance(source, str):
-        base = source + (f"/{name}" if name else "")
+        base = source + (f"/{name}" if name else "") + (f"/{data_dir}" if data_dir else "")
     else:
         base = "local"
     return f"{base}[{split}]"
@@ -161,16 +163,17 @@ def load_records(
     limit: int | None = None,
     report: DataReport | None = None,
     cache_dir: str | None = None,
+    data_dir: str | None = None,
 ) -> tuple[list[Record], DataReport]:
     """Read ``source`` / ``split`` and normalise it; returns the records and the report counting every skip.
 
     ``format`` is ``"auto"`` (from the column names) or one of ``formats.FORMATS``; ``limit`` reads only the first
     rows (subsampling for smoke runs and tests).
     """
-    table = load_table(source, split=split, name=name, cache_dir=cache_dir)
+    table = load_table(source, split=split, name=name, cache_dir=cache_dir, data_dir=data_dir)
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
-    label = _label(source, split, name)
+    label = _label(source, split, name, data_dir)
     report = report if report is not None else DataReport(name=label)
     rows = iter_rows(table)
     first = next(rows, _END)

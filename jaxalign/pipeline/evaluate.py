@@ -3,7 +3,9 @@
 - gold: the task's exact scorer on each answer (where the data defines one; the demo task does);
 - rm_heldout_accuracy: the round's reward model on held-out preference pairs, fraction with r(chosen) > r(rejected);
 - rm_win_rate_vs_sft: the round's reward model scores the policy's answer against the SFT model's answer to the
-  same prompt; a win counts 1, a tie 0.5.
+  same prompt; a win counts 1, a tie 0.5;
+- with ``eval.best_of_n = N``: the policy also answers with the best of N samples (``sample.temperature``) ranked by
+  the round's reward model (AfD's extrapolation step; online-DPO's candidates): ``bon_gold``, ``bon_rm_win_rate_vs_sft``.
 """
 from __future__ import annotations
 
@@ -38,9 +40,9 @@ def evaluate(p, phase) -> dict:
     answers = [p.tokenizer.decode(t, skip_special_tokens=True).strip() for t in answers_ids]
     metrics: dict[str, float] = {"answer_length": float(np.mean([len(t) for t in answers_ids])),
                                  "sample_tokens_per_second": res.stats.tokens_per_s}
-    if cfg.data.gold_metric == "demo":
-        from jaxalign.pipeline.demo_task import gold_score
+    from jaxalign.pipeline.demo_task import gold_score
 
+    if cfg.data.gold_metric == "demo":
         metrics["gold"] = float(np.mean([gold_score(_prompt_text(r), a) for r, a in zip(records, answers)]))
     rm_round = max((j for j in range(k, 0, -1) if p.reward_dir(j) is not None), default=None)
     if rm_round is not None:
@@ -59,17 +61,37 @@ def evaluate(p, phase) -> dict:
                 rc = p._score(rm, [e.chosen.ids for e in enc])
                 rr = p._score(rm, [e.rejected.ids for e in enc])
                 metrics["rm_heldout_accuracy"] = float(np.mean(rc > rr))
+        def score(answer_ids):
+            return p._score(rm, [np.concatenate([np.asarray(ids), np.asarray(a + [p.encoder.eos_id])])
+                                 for ids, a in zip(prompt_ids, answer_ids)])
+
         sft_eval = p.phase_dir("eval0") / "eval.json"
-        if sft_eval.is_file():
-            sft_answers = json.loads(sft_eval.read_text())["answer_ids"]
-            mine = p._score(rm, [np.concatenate([np.asarray(ids), np.asarray(a + [p.encoder.eos_id])])
-                                 for ids, a in zip(prompt_ids, answers_ids)])
-            ref = p._score(rm, [np.concatenate([np.asarray(ids), np.asarray(a + [p.encoder.eos_id])])
-                                for ids, a in zip(prompt_ids, sft_answers)])
+        sft_answers = json.loads(sft_eval.read_text())["answer_ids"] if sft_eval.is_file() else None
+        ref = score(sft_answers) if sft_answers is not None else None
+        if ref is not None:
+            mine = score(answers_ids)
             metrics["rm_win_rate_vs_sft"] = float(np.mean((mine > ref) + 0.5 * (mine == ref)))
+        if cfg.eval.best_of_n > 0:
+            n = cfg.eval.best_of_n
+            cand = p._generate(params, prompt_ids, num_samples=n, temperature=cfg.sample.temperature,
+                               max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.run.seed + 17 * k + 1)
+            flat = [p._strip_eos(t) for group in cand.grouped_tokens for t in group]
+            scores = p._score(rm, [np.concatenate([np.asarray(prompt_ids[i // n]),
+                                                   np.asarray(a + [p.encoder.eos_id])])
+                                   for i, a in enumerate(flat)]).reshape(len(prompt_ids), n)
+            bon_ids = [flat[i * n + int(j)] for i, j in enumerate(np.argmax(scores, axis=1))]
+            bon_answers = [p.tokenizer.decode(t, skip_special_tokens=True).strip() for t in bon_ids]
+            if cfg.data.gold_metric == "demo":
+                metrics["bon_gold"] = float(np.mean([gold_score(_prompt_text(r), a)
+                                                     for r, a in zip(records, bon_answers)]))
+            if ref is not None:
+                best = scores.max(axis=1)
+                metrics["bon_rm_win_rate_vs_sft"] = float(np.mean((best > ref) + 0.5 * (best == ref)))
     out = {"metrics": metrics, "prompts": [_prompt_text(r) for r in records],
            "demonstrations": [r.demonstration or "" for r in records], "answers": answers,
            "answer_ids": answers_ids}
+    if cfg.eval.best_of_n > 0 and rm_round is not None:
+        out["best_of_n_answers"] = bon_answers
     if jax.process_index() == 0:
         (p.phase_dir(phase) / "eval.json").write_text(json.dumps(out))
     return metrics

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "answer_length")
+ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold", "bon_rm_win_rate_vs_sft",
+              "answer_length")
 
 
 def _done(p) -> list[dict]:
@@ -139,7 +140,8 @@ def write_report(p) -> Path:
 
     table = round_table(p)
     plots = _plots(p, table)
-    keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "rm_train_accuracy",
+    keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold",
+                                    "bon_rm_win_rate_vs_sft", "rm_train_accuracy",
                                     "policy_loss", "policy_reward_accuracy", "sft_loss", "answer_length",
                                     "sample_tokens_per_second", "policy_tokens_per_second", "seconds")
                         if any(k in r for r in table)]

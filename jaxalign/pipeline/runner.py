@@ -134,7 +134,7 @@ class Pipeline:
         from jaxalign.data.sources import load_records
 
         records, report = load_records(ds.source, split=ds.split, name=ds.name or None, format=ds.format,
-                                       limit=ds.limit or None)
+                                       limit=ds.limit or None, data_dir=ds.data_dir or None)
         report.name = f"{key} ({ds.source}:{ds.split})"
         self.data_reports.append(report)
         return records
@@ -300,6 +300,12 @@ class Pipeline:
                                  temperature=cfg.sample.temperature, max_new_tokens=cfg.sample.max_new_tokens,
                                  seed=cfg.run.seed * 7919 + 104729)
             out["negatives"] = neg.grouped_tokens
+        elif cfg.run.method == "irl" and cfg.sample.negative_temperature >= 0:
+            # the reward model's rejected responses, sampled apart from the best-of-N candidates (IRL authors: 0.01)
+            neg = self._generate(params, [e.prompt_ids.tolist() for e in prompts], num_samples=1,
+                                 temperature=cfg.sample.negative_temperature,
+                                 max_new_tokens=cfg.sample.max_new_tokens, seed=cfg.run.seed * 7919 + phase.round + 1)
+            out["negatives"] = neg.grouped_tokens
         if jax.process_index() == 0:
             (self.phase_dir(phase) / "samples.json").write_text(json.dumps(out))
         return metrics
@@ -327,9 +333,9 @@ class Pipeline:
                     neg = self.encoder.encode_sampled(enc.prompt_ids, self._strip_eos(s["negatives"][i][0]))
                     pairs.append(self._pair(enc, pos, neg))
                 else:  # IRL: the demonstration is chosen, the policy's own sample rejected
-                    for sample in s["samples"][i][:1]:
-                        own = self.encoder.encode_sampled(enc.prompt_ids, self._strip_eos(sample))
-                        pairs.append(self._pair(enc, enc.chosen, own))
+                    sample = (s["negatives"] if "negatives" in s else s["samples"])[i][0]
+                    own = self.encoder.encode_sampled(enc.prompt_ids, self._strip_eos(sample))
+                    pairs.append(self._pair(enc, enc.chosen, own))
         return pairs
 
     def reward_dir(self, round_: int) -> Path | None:
@@ -349,7 +355,7 @@ class Pipeline:
         pairs = self._reward_pairs(phase.round)
         params = self._train("reward", rm.param_dict(), pairs, phase, cfg.reward,
                              StepConfig("reward", accum_steps=cfg.reward.accum_steps, margin=cfg.reward.margin,
-                                        center_coef=cfg.reward.center_coef))
+                                        center_coef=cfg.reward.center_coef, reward_loss=cfg.reward.loss))
         self._save_model(params, phase, reward=True)
         # normalise scores by the RM's mean / std on the training demonstrations (as the IRL authors do)
         demos = [e.chosen for e in self.sample_prompts()]

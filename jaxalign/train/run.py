@@ -68,12 +68,14 @@ def train(
     name: str | None = None,
     on_batch=None,
 ) -> dict[str, jax.Array]:
-    """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save."""
+    """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save.
+
+    ``params`` are donated to the train state (device arrays passed in are deleted): pass a copy to keep them."""
     phase_dir = Path(phase_dir)
     name = name or phase_dir.name
     total = phase_steps(len(examples), settings)
     optimizer, schedule = make_optimizer(optim, total)
-    state = create_state(params, optimizer, mesh)
+    state = create_state(params, optimizer, mesh, donate=True)
     dataset = make_dataset(kind, examples, settings, pad_id=pad_id, buckets=buckets)
     example = {k: v for k, v in next(iter(dataset)).items() if k != "row_id"}
     state_sharding = jax.tree.map(lambda x: x.sharding, state)

@@ -39,10 +39,18 @@ def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
     return TrainState(replicated, p_shard, opt)
 
 
-def create_state(params: dict[str, jax.Array], optimizer: optax.GradientTransformation, mesh) -> TrainState:
-    """A fresh state with params placed by their logical axes and optimizer state initialised in place (sharded)."""
+def create_state(params: dict[str, jax.Array], optimizer: optax.GradientTransformation, mesh, *,
+                 donate: bool = False) -> TrainState:
+    """A fresh state with params placed by their logical axes and optimizer state initialised in place (sharded).
+
+    With ``donate=True`` the params are consumed: their device buffers are donated to the state (which aliases them),
+    so a phase holds one copy of the weights, not the loaded one next to the state's (the pipeline does this). Device
+    arrays passed in are deleted afterwards (host arrays are first copied to the devices, and only that copy is
+    donated). The default keeps the caller's arrays usable.
+    """
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     shardings = state_shardings(abstract, mesh)
     params = jax.device_put(params, shardings.params)
-    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), out_shardings=shardings)
+    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), out_shardings=shardings,
+                   donate_argnums=0 if donate else ())
     return init(params)

@@ -17,7 +17,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.losses import (bradley_terry_loss, get_objective, sequence_logprobs, token_logprobs)
+from jaxalign.losses import (afd_discriminator_loss, bradley_terry_loss, get_objective, sequence_logprobs,
+                             token_logprobs)
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import forward
 from jaxalign.models.reward import reward_forward
@@ -32,6 +33,7 @@ class StepConfig:
     objective_args: tuple = ()  # preference: (name, value) hyper-parameter overrides
     margin: float = 0.0  # reward
     center_coef: float = 0.0  # reward
+    reward_loss: str = "bradley_terry"  # reward: bradley_terry on (chosen, rejected) | afd_discriminator (pointwise)
     reference: str = "params"  # preference: "params" (frozen tree evaluated in-step) | "precomputed" | "none"
 
 
@@ -64,8 +66,14 @@ def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
     ids, attn, _ = _concat_pairs(batch)
     rewards = reward_forward(params, cfg, ids, attention_mask=attn)
     b = batch["chosen_input_ids"].shape[0]
-    loss, metrics = bradley_terry_loss(rewards[:b], rewards[b:], margin=step_cfg.margin,
-                                       center_coef=step_cfg.center_coef)
+    if step_cfg.reward_loss == "afd_discriminator":  # chosen = positives, rejected = negatives, scored one by one
+        loss, metrics = afd_discriminator_loss(rewards[:b], rewards[b:])
+        metrics["rewards/accuracies"] = metrics["accuracy"]
+    elif step_cfg.reward_loss == "bradley_terry":
+        loss, metrics = bradley_terry_loss(rewards[:b], rewards[b:], margin=step_cfg.margin,
+                                           center_coef=step_cfg.center_coef)
+    else:
+        raise ValueError(f"reward_loss={step_cfg.reward_loss!r}; choose bradley_terry or afd_discriminator")
     return loss, {"loss": loss, **metrics}
 
 
