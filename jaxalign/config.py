@@ -108,6 +108,9 @@ class Policy(Train):
     beta: float = -1.0  # -1 = the objective's default
     reduce: str = ""  # "" = the objective's default (sum for dpo, mean for dil / simpo / ipo)
     reference: str = "sft"  # sft | previous (SPIN: the previous round's policy)
+    # compute the reference's log-probs once before the phase (cached on disk) instead of holding the reference
+    # weights and running their forward in every step: less HBM, fewer FLOPs per step (TRL: precompute_ref_log_probs)
+    precompute_reference: bool = False
     pairs: str = "best_of_n"  # best_of_n (RM-scored samples) | demo_vs_sample | dataset (given preference data)
     pair_rule: str = "max_min"  # a name in jaxalign.losses.PAIR_RULES
     num_samples: int = 4  # N for best_of_n

@@ -205,6 +205,18 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(name, tiny, jax_cache, tmp_path)
     assert before.keys() == after.keys() and any(not np.array_equal(after[k], before[k]) for k in before)
     if name == "ultrachat_dil":  # LSIF at the reference point: -exp(0) + exp(0)/2; trained on given pairs
         assert done["r1_policy"]["metrics"]["pairs"] == 32
+        # the same run with the reference log-probs computed once before the phase (no reference weights in the
+        # step) trains the same policy: same logged metrics, same weights up to float rounding
+        pre = tmp_path / "precomputed"
+        rc, out = _finish(_launch(name, pre, overrides + ["policy.precompute_reference=true"], jax_cache))
+        assert rc == 0, out[-4000:]
+        assert list((pre / "phases" / "r1_policy" / "reference").glob("*.npz")), "no reference cache written"
+        a, b = done["r1_policy"]["metrics"], _done(pre)["r1_policy"]["metrics"]
+        for key in ("loss", "rewards/accuracies", "rewards/margins"):
+            assert abs(a[key] - b[key]) <= 1e-3 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        again = from_pretrained(pre / "phases" / "r1_policy" / "model").param_dict()
+        for k in after:
+            np.testing.assert_allclose(again[k], after[k], rtol=0, atol=2e-3 * float(np.abs(after[k]).max()) + 1e-6)
     else:  # two IRL rounds: RM pairs accumulate, the RM is scored on held-out pairs, best-of-N pairs feed DPO
         assert done["r2_policy"]["metrics"]["pairs"] > 0
         for k in (1, 2):

@@ -110,6 +110,29 @@ def test_launcher_reports_missing_libtpu_as_bad_input(monkeypatch, capsys):
     assert '.[tpu]' in capsys.readouterr().err
 
 
+def test_create_state_donates_the_loaded_params():
+    """The plan counts no second copy of the weights in train phases ('outside step' 0) because the pipeline's train
+    loop calls create_state(donate=True): the loaded device params go to the train state, the loaded arrays are
+    deleted and the state holds the values. Without donate the caller's arrays stay usable."""
+    import optax
+
+    from jaxalign import sharding
+    from jaxalign.train.state import create_state, param_shardings
+
+    mesh = sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])
+    host = {"embed": np.arange(32, dtype=np.float32).reshape(8, 4)}
+    loaded = jax.device_put(host, param_shardings(host, mesh))  # as read_params places them
+    state = create_state(loaded, optax.adamw(1e-3), mesh, donate=True)
+    assert loaded["embed"].is_deleted()
+    np.testing.assert_array_equal(np.asarray(state.params["embed"]), host["embed"])
+    # host arrays: copied to the devices, and the copy donated
+    again = create_state(host, optax.adamw(1e-3), mesh, donate=True)
+    np.testing.assert_array_equal(np.asarray(again.params["embed"]), host["embed"])
+    kept = jax.device_put(host, param_shardings(host, mesh))
+    create_state(kept, optax.adamw(1e-3), mesh)
+    assert not kept["embed"].is_deleted()
+
+
 # ---- slow: a real AOT compile for a TPU slice ---------------------------------------------------------------------
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
@@ -136,7 +159,7 @@ def test_plan_tiny_sft_on_v5e_2x2(tmp_path):
     expected_params = mcfg.num_params() * 4 / 4  # float32, every parameter sharded 4 ways over fsdp
     assert row.params == pytest.approx(expected_params, rel=0.01)
     assert row.opt_state == pytest.approx(2 * expected_params, rel=0.01)
-    assert row.outside == row.params and row.reference == 0
+    assert row.outside == 0 and row.reference == 0  # create_state donates the loaded params: no second copy
     assert row.exact and row.fits and row.verdict.startswith("FITS")
     assert row.total >= row.params + row.opt_state + row.outside
     assert row.hbm == pytest.approx(15.75 * 2**30)

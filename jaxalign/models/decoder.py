@@ -9,6 +9,9 @@ with a parameter dict inside jitted train and sampling steps.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -151,7 +154,7 @@ def _attention(q, k, v, mask, dtype):
     On GPU in half precision the fused cuDNN kernel (flash attention) is used: it never materialises the [T, S]
     score matrix, which the einsum form below does (fine on CPU and for the parity tests, memory-bound on a GPU).
     """
-    if dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+    if dtype in (jnp.bfloat16, jnp.float16) and _platform() == "gpu":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
     b, t, n, d = q.shape
     kh = k.shape[2]
@@ -161,6 +164,60 @@ def _attention(q, k, v, mask, dtype):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
+
+
+# The platform the traced program is compiled for: the default backend, unless a caller compiles for another one
+# (jaxalign.plan traces on a CPU host for a TPU slice). jax.lax.platform_dependent would decide at lowering instead,
+# but under autodiff XLA:CPU then drops the barrier _proj_cpu relies on.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxalign_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace the decoder for ``platform`` ("cpu", "gpu", "tpu") whatever the default backend is."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def _platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+def _proj(spec: str, x, w):
+    """``jnp.einsum(spec, x, w)`` for a projection; on XLA:CPU through ``_proj_cpu`` (see there)."""
+    if _platform() == "cpu":
+        return _proj_cpu(spec, x, w)
+    return jnp.einsum(spec, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _proj_cpu(spec, x, w):
+    return jnp.einsum(spec, x, w)
+
+
+def _proj_cpu_fwd(spec, x, w):
+    return jnp.einsum(spec, x, w), (x, w)
+
+
+def _proj_cpu_bwd(spec, res, dy):
+    # Same gradients as autodiff, but the incoming cotangent is materialised first. Otherwise XLA:CPU fuses the
+    # elementwise backward that produces it (SwiGLU's, the norms') with the transpose the weight-gradient matmul
+    # wants, into one untiled loop reading several arrays in transposed order: 1.35 s of an 8.7 s 2-layer ~100M
+    # step went there (benchmarks/forward_backward.py, profile in the closing note of issue 2).
+    # The weight gradient is written x-first ("bth,btf->hf"): autodiff's transpose rule writes it cotangent-first
+    # and then transposes, which makes XLA:CPU lay the cotangent out transposed again, barrier or not.
+    x, w = res
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    dy = jax.lax.optimization_barrier(dy)
+    return (jnp.einsum(f"{out},{rhs}->{lhs}", dy, w).astype(x.dtype),
+            jnp.einsum(f"{lhs},{out}->{rhs}", x, dy).astype(w.dtype))
+
+
+_proj_cpu.defvjp(_proj_cpu_fwd, _proj_cpu_bwd)
 
 
 def _mask(q_idx, kv_idx, kv_valid, window, q_seg=None, kv_seg=None):
@@ -180,9 +237,9 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
         h = _layer_norm(x, p["attn_norm"], p["attn_norm_bias"], cfg.norm_eps)
     else:
         h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("bth,hnd->btnd", h, c("wq"))
-    k = jnp.einsum("bth,hkd->btkd", h, c("wk"))
-    v = jnp.einsum("bth,hkd->btkd", h, c("wv"))
+    q = _proj("bth,hnd->btnd", h, c("wq"))
+    k = _proj("bth,hkd->btkd", h, c("wk"))
+    v = _proj("bth,hkd->btkd", h, c("wv"))
     if cfg.qkv_bias:
         q, k, v = q + c("bq"), k + c("bk"), v + c("bv")
     if cfg.qk_norm:
@@ -202,23 +259,23 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
         k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     mask = _mask(q_idx, kv_idx, kv_valid, window, seg, seg)
     attn = _attention(q, k, v, mask, dt)
-    attn = jnp.einsum("btnd,ndh->bth", attn, c("wo"))
+    attn = _proj("btnd,ndh->bth", attn, c("wo"))
     if cfg.o_bias:
         attn = attn + c("bo")
 
     def mlp(y):
-        up = jnp.einsum("bth,hf->btf", y, c("w_up"))
+        up = _proj("bth,hf->btf", y, c("w_up"))
         if cfg.mlp_bias:
             up = up + c("b_up")
         if cfg.family == "neox":
             act = _activation(cfg.activation, up)
         else:
-            gate = jnp.einsum("bth,hf->btf", y, c("w_gate"))
+            gate = _proj("bth,hf->btf", y, c("w_gate"))
             if cfg.mlp_bias:
                 gate = gate + c("b_gate")
             act = _activation(cfg.activation, gate) * up
         act = constrain(act, ("batch", "length", "mlp"))
-        out = jnp.einsum("btf,fh->bth", act, c("w_down"))
+        out = _proj("btf,fh->bth", act, c("w_down"))
         return out + c("b_down") if cfg.mlp_bias else out
 
     if cfg.family == "neox":
@@ -318,7 +375,7 @@ def forward(
         out = x
     else:
         head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-        out = jnp.einsum("bth,hv->btv", x, head.astype(dt))
+        out = _proj("bth,hv->btv", x, head.astype(dt))
         out = constrain(out, ("batch", "length", "vocab"))
     if cache is None:
         return out

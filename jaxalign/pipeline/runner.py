@@ -438,9 +438,17 @@ class Pipeline:
             raise ConfigError(f"policy.reference={cfg.policy.reference!r}; choose sft or previous.")
         objective, overrides = policy_objective(cfg)
         ref_params = self._load_policy(ref_dir) if objective.uses_reference else None
+        mode = "params" if objective.uses_reference else "none"
+        if ref_params is not None and cfg.policy.precompute_reference:
+            from jaxalign.train.reference import precompute_reference_logps
+
+            micro = cfg.policy.batch_size // cfg.policy.accum_steps
+            pairs = precompute_reference_logps(ref_params, self.model_cfg, pairs, reduce=objective.reduce,
+                                               mesh=self.mesh, batch_size=micro, pad_id=self.pad_id,
+                                               buckets=self.buckets, cache_dir=self.phase_dir(phase) / "reference")
+            ref_params, mode = None, "precomputed"  # the weights leave the devices before training starts
         step_cfg = StepConfig("preference", accum_steps=cfg.policy.accum_steps, objective=cfg.policy.objective,
-                              objective_args=tuple(sorted(overrides.items())),
-                              reference="params" if objective.uses_reference else "none")
+                              objective_args=tuple(sorted(overrides.items())), reference=mode)
         params = self._train("preference", params, pairs, phase, cfg.policy, step_cfg, ref_params=ref_params)
         self._save_model(params, phase)
         return {**self._final_metrics(phase), "pairs": len(pairs)}

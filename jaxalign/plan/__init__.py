@@ -62,20 +62,23 @@ def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn
         jax.config.update("jax_platforms", "cpu")
     except Exception:
         pass
+    from jaxalign.models.decoder import target_platform
+
     sl = get_slice(topology)
     mcfg = model_config(cfg)
     mesh = make_mesh(cfg, sl)
     rows: list[PhaseRow] = []
-    for phase in phases or phases_to_plan(cfg):
-        print(f"[plan] {phase}: compiling for {sl.name} ({len(sl.devices)} devices; minutes for a 7B model) ...",
-              file=sys.stderr, flush=True)
-        if phase in ("sample", "eval"):
-            rows += plan_sampler(cfg, mcfg, mesh, sl, phase=phase)
-        else:
-            rows.append(plan_train({"sft": "sft", "reward": "reward", "policy": "preference"}[phase], cfg, mcfg,
-                                   mesh, sl, what_if))
-        for r in rows:
-            judge(r, cfg, mesh, sl)
+    with target_platform("tpu"):  # traced on this CPU host, compiled for the slice: trace the TPU program
+        for phase in phases or phases_to_plan(cfg):
+            print(f"[plan] {phase}: compiling for {sl.name} ({len(sl.devices)} devices; minutes for a 7B model) ...",
+                  file=sys.stderr, flush=True)
+            if phase in ("sample", "eval"):
+                rows += plan_sampler(cfg, mcfg, mesh, sl, phase=phase)
+            else:
+                rows.append(plan_train({"sft": "sft", "reward": "reward", "policy": "preference"}[phase], cfg, mcfg,
+                                       mesh, sl, what_if))
+            for r in rows:
+                judge(r, cfg, mesh, sl)
     if print_fn is not None:
         print_fn(format_plan(cfg, mcfg, sl, mesh, rows))
     return rows

@@ -47,6 +47,7 @@ class PhaseRow:
     matmul_s: float | None = None  # the part of compute_s in instructions that hold a matmul
     collective_s: float | None = None
     collective_bytes: float | None = None
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> (bytes sent per device, seconds)
     step_s: float | None = None
     mfu: float | None = None
     compile_s: float = 0.0
@@ -217,6 +218,9 @@ def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any]
     row.matmul_s = costs.matmul_cycles / sl.clock
     row.collective_bytes = sum(costs.collective_bytes.values())
     row.collective_s = sum(b / sl.ici_bandwidth(g) for _, b, g in costs.collective_groups)
+    for kind, b, g in costs.collective_groups:
+        sent, secs = row.collectives.get(kind, (0.0, 0.0))
+        row.collectives[kind] = (sent + b, secs + b / sl.ici_bandwidth(g))
     row.step_s = max(row.compute_s, row.collective_s)
     if tokens and row.step_s:
         row.mfu = flops_lib.mfu(tokens / row.step_s, mcfg, seq_len, sl.peak * n, backward=backward)
@@ -260,12 +264,10 @@ class WhatIf:
     - ``precomputed_reference``: the preference step reads reference log-probs from the batch
       (``StepConfig(reference="precomputed")``, :mod:`jaxalign.train.reference`) instead of holding the reference
       weights and running their forward pass;
-    - ``donate_loaded_params``: ``create_state`` donates the loaded params instead of copying them (no second copy);
     - ``mu_dtype``: AdamW's first moment in this dtype (``optax.adamw(mu_dtype=...)``), e.g. ``"bfloat16"``.
     """
 
     precomputed_reference: bool = False
-    donate_loaded_params: bool = False
     mu_dtype: str = ""
 
 
@@ -298,7 +300,7 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
 
         objective, overrides = policy_objective(cfg)
         mode = "none" if not objective.uses_reference else (
-            "precomputed" if what_if.precomputed_reference else "params")
+            "precomputed" if what_if.precomputed_reference or cfg.policy.precompute_reference else "params")
         step_cfg = StepConfig("preference", accum_steps=section.accum_steps, objective=cfg.policy.objective,
                               objective_args=tuple(sorted(overrides.items())), reference=mode)
         if mode == "params":
@@ -316,7 +318,7 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     row.params = compiled_bytes(params)
     row.opt_state = compiled_bytes(state.opt_state)
     row.reference = row.params if ref is not None else 0.0
-    row.outside = 0.0 if what_if.donate_loaded_params else row.params  # the loaded params (report.OUTSIDE)
+    row.outside = 0.0  # train() donates the loaded params to the train state: no second copy (report.OUTSIDE)
     if what_if != WhatIf():
         row.detail += f"; what if: {what_if}"
     args = (state, batch) + ((ref,) if ref is not None else ())

@@ -8,9 +8,9 @@ from jaxalign.plan.phases import PhaseRow
 from jaxalign.plan.tpu import GiB, Slice
 
 FIT_MARGIN = 0.9  # FITS below this fraction of the usable HBM, TIGHT up to 1.0
-OUTSIDE = ("train phases: the phase's loaded params stay alive next to the train state's copy "
-           "(jaxalign.train.state.create_state copies them); sampling: the param_dtype params the phase loaded, next "
-           "to the compute-dtype copies the sampler makes")
+OUTSIDE = ("train phases: nothing (the pipeline's train() donates the loaded params to the train state: "
+           "create_state(donate=True), so the step's params are the only copy); sampling: the param_dtype params the "
+           "phase loaded, next to the compute-dtype copies the sampler makes")
 
 
 def _gib(x: float) -> str:
@@ -38,7 +38,7 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
     state_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
     if row.phase in ("sft", "reward", "policy"):
         section = {"sft": cfg.sft, "reward": cfg.reward, "policy": cfg.policy}[row.phase]
-        # what does not shrink with the micro-batch: weights, optimizer, reference, the loaded copy, gradients
+        # what does not shrink with the micro-batch: weights, optimizer, reference, gradients
         fixed = row.params + row.opt_state + row.reference + row.outside + row.params
         if fixed > 0.8 * target:
             need = math.ceil(state_shards * fixed / (0.6 * target))
@@ -50,8 +50,8 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
             elif shards > n:
                 row.advice.append(f"weights, optimizer state, reference and gradients need ~{need} chips of this "
                                   f"kind even fully sharded: a bigger slice, or a smaller state (reference "
-                                  f"log-probs precomputed instead of reference weights, the loaded params donated "
-                                  f"to the train state, bf16 optimizer moments)")
+                                  f"log-probs precomputed instead of reference weights, bf16 optimizer moments, "
+                                  f"bf16 master weights: model.param_dtype=bfloat16)")
         acts, room = row.total - fixed, target - fixed
         if acts > max(room, 0.0):
             k = max(1, section.accum_steps)
@@ -117,7 +117,16 @@ def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
             "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"]) + " |")
     notes = []
     for r in rows:
-        notes.append(f"- **{r.phase}** ({r.detail}; compiled in {r.compile_s:.0f} s): {r.verdict}" +
+        split = ""
+        if r.step_s and r.phase in ("sft", "reward", "policy"):  # where a train step's time goes (compute vs ICI)
+            coll = ", ".join(f"{k} {v[0] / 1e9:.1f} GB {v[1]:.3g} s" for k, v in
+                             sorted(r.collectives.items(), key=lambda kv: -kv[1][1]) if v[0] >= 5e7)
+            split = (f"\n  - time: compute {r.compute_s:.3g} s = matmul {r.matmul_s:.3g} s + other "
+                     f"{r.compute_s - r.matmul_s:.3g} s (the model FLOPs alone at peak: "
+                     f"{r.mfu * r.step_s:.3g} s); collectives {r.collective_s:.3g} s"
+                     f"{f' ({coll})' if coll else ''}; "
+                     f"{'compute' if r.compute_s >= r.collective_s else 'ICI'}-bound") if r.mfu else ""
+        notes.append(f"- **{r.phase}** ({r.detail}; compiled in {r.compile_s:.0f} s): {r.verdict}" + split +
                      "".join(f"\n  - fix: {a}" for a in r.advice))
     units = (f"\nGiB per {u}. 'outside step': " + OUTSIDE + f". TFLOP per {u} per step (decode: per generated "
              "token): matmul FLOPs of the compiled program (loops counted) / the analytic count (jaxalign.flops "
