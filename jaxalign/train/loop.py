@@ -78,8 +78,7 @@ def run_loop(
     save_every: int,
     skip_nonfinite: bool = False,
     extra_args: tuple = (),
-    flops_fn: Callable[[int], float] | None = None,
-    peak_flops: float | None = None,
+    mfu_fn: Callable[[float, int], float] | None = None,
     counters: dict[str, int] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_batch: Callable[[int, dict], None] | None = None,
@@ -135,9 +134,9 @@ def run_loop(
             # tokens/s and MFU (divided by the peak of every device in the mesh) are global figures
             tokens *= jax.process_count()
             metrics["tokens_per_second"] = tokens / dt
-            if flops_fn is not None and peak_flops:
+            if mfu_fn is not None:
                 seq = next(v.shape[1] for k, v in host_batch.items() if k.endswith("input_ids"))
-                metrics["mfu"] = tokens * flops_fn(seq) / dt / (peak_flops * len(mesh.devices.flat))
+                metrics["mfu"] = mfu_fn(tokens / dt, seq)
             writer.log(step, metrics, advance=1)
             if on_step is not None:
                 on_step(step)

@@ -13,7 +13,7 @@ import jax
 
 from jaxalign.checkpoint import PhaseCheckpointer
 from jaxalign.data.loader import pair_dataset, sft_dataset, total_batches
-from jaxalign.flops import device_peak_flops, flops_per_token
+from jaxalign.flops import device_peak_flops, mfu
 from jaxalign.metrics import MetricsWriter
 from jaxalign.models.config import ModelConfig
 from jaxalign.train.loop import run_loop
@@ -89,12 +89,15 @@ def train(
     start = checkpointer.latest_step() or 0
     writer = MetricsWriter(phase_dir / "tb", total_steps=total, desc=name, show_progress=settings.show_progress,
                            initial_step=start)
-    backward_flops = lambda t: flops_per_token(cfg, t)  # noqa: E731
+    peak = device_peak_flops()
+    # the one MFU formula (jaxalign.flops.mfu), as the TPU plan uses it: model FLOPs of the trained tokens / the peak
+    # of every device in the mesh
+    mfu_fn = None if not peak else (lambda tps, seq: mfu(tps, cfg, seq, peak * len(mesh.devices.flat)))  # noqa: E731
     try:
         state = run_loop(phase=name, state=state, step_fn=step_fn, dataset=dataset, total_steps=total, mesh=mesh,
                          checkpointer=checkpointer, writer=writer, save_every=settings.save_every,
-                         skip_nonfinite=settings.skip_nonfinite, extra_args=extra, flops_fn=backward_flops,
-                         peak_flops=device_peak_flops(), counters=counters, on_step=on_step,
+                         skip_nonfinite=settings.skip_nonfinite, extra_args=extra, mfu_fn=mfu_fn,
+                         counters=counters, on_step=on_step,
                          on_batch=on_batch)
     finally:
         writer.close()
