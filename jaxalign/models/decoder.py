@@ -205,8 +205,8 @@ def _proj_cpu_fwd(spec, x, w):
 def _proj_cpu_bwd(spec, res, dy):
     # Same gradients as autodiff, but the incoming cotangent is materialised first. Otherwise XLA:CPU fuses the
     # elementwise backward that produces it (SwiGLU's, the norms') with the transpose the weight-gradient matmul
-    # wants, into one untiled loop reading several arrays in transposed order: 1.35 s of an 8.7 s 2-layer ~100M
-    # step went there (benchmarks/forward_backward.py, profile in the closing note of issue 2).
+    # wants, into one untiled loop reading several arrays in transposed order (with other jobs on the machine, 1.35 s
+    # of an 8.7 s 2-layer ~100M step went there; quiet, the demo-size step is ~20% faster without it).
     # The weight gradient is written x-first ("bth,btf->hf"): autodiff's transpose rule writes it cotangent-first
     # and then transposes, which makes XLA:CPU lay the cotangent out transposed again, barrier or not.
     x, w = res
