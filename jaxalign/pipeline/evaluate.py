@@ -61,9 +61,9 @@ def evaluate(p, phase) -> dict:
                 rc = p._score(rm, [e.chosen.ids for e in enc])
                 rr = p._score(rm, [e.rejected.ids for e in enc])
                 metrics["rm_heldout_accuracy"] = float(np.mean(rc > rr))
-        def score(answer_ids):
+        def score(answer_ids, prompts=prompt_ids):
             return p._score(rm, [np.concatenate([np.asarray(ids), np.asarray(a + [p.encoder.eos_id])])
-                                 for ids, a in zip(prompt_ids, answer_ids)])
+                                 for ids, a in zip(prompts, answer_ids)])
 
         sft_eval = p.phase_dir("eval0") / "eval.json"
         sft_answers = json.loads(sft_eval.read_text())["answer_ids"] if sft_eval.is_file() else None
@@ -76,9 +76,7 @@ def evaluate(p, phase) -> dict:
             cand = p._generate(params, prompt_ids, num_samples=n, temperature=cfg.sample.temperature,
                                max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.run.seed + 17 * k + 1)
             flat = [p._strip_eos(t) for group in cand.grouped_tokens for t in group]
-            scores = p._score(rm, [np.concatenate([np.asarray(prompt_ids[i // n]),
-                                                   np.asarray(a + [p.encoder.eos_id])])
-                                   for i, a in enumerate(flat)]).reshape(len(prompt_ids), n)
+            scores = score(flat, [ids for ids in prompt_ids for _ in range(n)]).reshape(len(prompt_ids), n)
             bon_ids = [flat[i * n + int(j)] for i, j in enumerate(np.argmax(scores, axis=1))]
             bon_answers = [p.tokenizer.decode(t, skip_special_tokens=True).strip() for t in bon_ids]
             if cfg.data.gold_metric == "demo":

@@ -60,7 +60,8 @@ def sampling_bytes_per_device(cfg: ModelConfig, *, prompts_per_batch: int, num_s
       and one layer's float32 attention scores (plus part of the probabilities, which XLA mostly fuses); plus the
       sampling transients below (the first token is sampled in the prefill);
     - decode   = ``(1 + 1.5 / L) KV(R)``: the cache carried by the loop and by the decoder's layer scan (donated,
-      updated in place: only the new tokens are written), and the one-layer slices attention reads; plus the sampling transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or
+      updated in place: only the new tokens are written), and the one-layer slices attention reads; plus the sampling
+      transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or
       sorted logits and their ids, probabilities, cumulative sums, random bits and Gumbel noise);
     - total    = max(prefill, decode).
 
