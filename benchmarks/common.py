@@ -14,12 +14,17 @@ from jaxalign.models import ModelConfig  # noqa: E402
 
 
 def tiny_config(**kw) -> ModelConfig:
-    """The CPU demo's size: small vocabulary, two layers."""
-    base = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, max_position_embeddings=512, sliding_windows=(None,) * 2,
+    """The CPU demo's model (configs/demo_cpu.yaml builds it with jaxalign.pipeline.demo_task): vocabulary 128,
+    hidden 128, two layers, 4 query / 2 KV heads. Use it with :data:`TINY_BATCH`, the demo's batch shape."""
+    base = dict(model_type="llama", vocab_size=128, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=32, max_position_embeddings=128, sliding_windows=(None,) * 2,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
     base.update(kw)
     return ModelConfig(**base)
+
+
+# the demo's train batch: batch_size 32, max_length 32 (configs/demo_cpu.yaml)
+TINY_BATCH = (32, 32)
 
 
 def config_100m(**kw) -> ModelConfig:

@@ -166,7 +166,7 @@ def torch_step(folder, kind: str, host_batch):
 
 # ---- CPU table ------------------------------------------------------------------------------------------------------
 def cpu_main(args):
-    from common import config_100m, matmul_peak, print_table, tiny_config
+    from common import TINY_BATCH, config_100m, matmul_peak, print_table, tiny_config
 
     import jax
     import torch
@@ -182,7 +182,7 @@ def cpu_main(args):
     peak = matmul_peak()
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())} (jaxalign runs on 1), torch threads "
           f"{torch.get_num_threads()}; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
-    shapes = {"tiny": (tiny_config(), 8, 128), "100m": (config_100m(), 4, 256)}
+    shapes = {"tiny": (tiny_config(), *TINY_BATCH), "100m": (config_100m(), 4, 256)}
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
     for size in args.sizes.split(","):

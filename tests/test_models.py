@@ -53,6 +53,46 @@ def test_logits_match_transformers(variant, hf_dir):
     assert np.abs(out - ref).max() <= tol, (variant, np.abs(out - ref).max(), tol)
 
 
+@pytest.mark.parametrize("variant", ["llama", "mistral", "gpt_neox"])
+def test_long_rows_match_transformers(variant, hf_dir):
+    # 120 tokens: past one causal block on CPU (64 rows), so the blocked attention meets HF's full one
+    folder, hf = hf_dir(variant)
+    ids = _ids(2, 120, seed=2)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    out = np.asarray(from_pretrained(folder)(jnp.asarray(ids)))
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_causal_blocks_equal_full_attention():
+    """Blocked causal attention (CPU) gives the full form's outputs and gradients under padding, windows, segments."""
+    from jaxalign.models.decoder import _attention, _mask
+
+    b, t, n, kh, d = 3, 150, 4, 2, 8
+    r = np.random.RandomState(0)
+    q = jnp.asarray(r.randn(b, t, n, d), jnp.float32)
+    k, v = (jnp.asarray(r.randn(b, t, kh, d), jnp.float32) for _ in range(2))
+    valid = np.ones((b, t), bool)
+    valid[1, :37] = False  # left padding
+    valid[2, 100:] = False  # right padding
+    seg = np.zeros((b, t), np.int32)
+    seg[0, 70:] = 1  # two packed documents, the second starting inside the second block
+    idx = jnp.arange(t)
+    for window, segments in ((10**9, None), (40, None), (10**9, jnp.asarray(seg))):
+        mask = _mask(idx, idx, jnp.asarray(valid), window, segments, segments)
+
+        def f(q, k, v, block):
+            # rows with no visible key (left padding) are garbage in both forms and masked downstream: left out
+            out = _attention(q, k, v, mask, jnp.float32, causal_block=block) * valid[:, :, None, None]
+            return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+        (_, full), g_full = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v, None)
+        (_, blocked), g_blocked = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v, 64)
+        np.testing.assert_allclose(blocked, full, atol=1e-5)
+        for a, e in zip(g_blocked, g_full):
+            np.testing.assert_allclose(a, e, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["llama", "mistral", "qwen3", "gpt_neox"])
 def test_left_padded_rows_equal_unpadded(variant, hf_dir):
     folder, _ = hf_dir(variant)
