@@ -36,17 +36,17 @@ def config_100m(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """This CPU's float32 matmul FLOP/s, measured with one large jnp.dot (the roofline the tables compare to)."""
+def peak_matmul(n: int = 2048):
+    """``(call, flops)``: one large float32 ``jnp.dot`` on this CPU, the roofline the tables compare to."""
     a = jnp.asarray(np.random.RandomState(0).randn(n, n).astype(np.float32))
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return (lambda: f(a).block_until_ready()), 2 * n**3
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """This CPU's float32 matmul FLOP/s: the best of ``reps`` timings of :func:`peak_matmul`."""
+    call, flops = peak_matmul(n)
+    return flops / interleaved_times({"dot": call}, reps)["dot"]
 
 
 def best_time(fn, reps: int) -> float:
@@ -58,6 +58,23 @@ def best_time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def interleaved_times(fns: dict, reps: int) -> dict:
+    """Best wall time of each of ``fns`` (name -> callable) over ``reps`` rounds that call them in turn.
+
+    On a shared machine the load drifts over minutes; calling the contenders alternately puts them under the same
+    load, and the best of several calls is the least disturbed one (as ``timeit`` advises).
+    """
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -5,18 +5,19 @@
 
 Both sides compute the same thing: logits of a [B, T] batch, and for the backward pass the mean next-token NLL and its
 gradient with respect to every parameter. Each jaxalign figure is also shown as a fraction of this CPU's float32 matmul
-peak (one large jnp.dot timed in the same run), using the MFU formula of jaxalign.flops. The last column is the
+peak (one large jnp.dot, timed in turn with the contenders), using the MFU formula of jaxalign.flops. The last column is the
 ratio jaxalign would reach at exactly that peak: the most any implementation could gain over PyTorch at that size.
 
-Timing is the median of --reps calls after a warm-up. This machine's two cores are shared: run it with nothing else
-going on, and expect the small size to move by 10-20% between runs.
+Timing: the best of --reps rounds (x5 at the tiny size) that call jaxalign and PyTorch in turn, after a warm-up, so
+both sides see the same load. Still, run it with nothing else going on: on a shared 2-core machine the absolute
+figures (and the measured peak) move by 10-30% between runs, the ratios much less.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 
-from common import TINY_BATCH, best_time, config_100m, matmul_peak, print_table, tiny_config
+from common import TINY_BATCH, config_100m, interleaved_times, peak_matmul, print_table, tiny_config
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +68,8 @@ def main():
     import torch
 
     torch.manual_seed(0)
-    peak = matmul_peak()
-    print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, torch threads {torch.get_num_threads()}; "
-          f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    peak_call, peak_flops = peak_matmul()
+    print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
     shapes = {"tiny": (tiny_config(), *TINY_BATCH), "100m": (config_100m(), 4, 256)}
     rows = []
     for size in args.sizes.split(","):
@@ -84,10 +84,16 @@ def main():
         tids = torch.tensor(ids_np, dtype=torch.long)
         fwd, fwd_bwd = jax_fns(cfg)
         reps = args.reps if size != "tiny" else 5 * args.reps
-        j_f = best_time(lambda: fwd(params, ids[:, :-1]).block_until_ready(), reps)
-        j_fb = best_time(lambda: jax.block_until_ready(fwd_bwd(params, ids)), reps)
-        p_f = best_time(lambda: t_fwd(tids[:, :-1]), reps)
-        p_fb = best_time(lambda: t_fwd_bwd(tids), reps)
+        best = interleaved_times({
+            "j_f": lambda: fwd(params, ids[:, :-1]).block_until_ready(),
+            "p_f": lambda: t_fwd(tids[:, :-1]),
+            "j_fb": lambda: jax.block_until_ready(fwd_bwd(params, ids)),
+            "p_fb": lambda: t_fwd_bwd(tids),
+            "peak": peak_call,
+        }, reps)
+        j_f, p_f, j_fb, p_fb = best["j_f"], best["p_f"], best["j_fb"], best["p_fb"]
+        peak = peak_flops / best["peak"]
+        print(f"{size}: float32 matmul peak measured between the calls: {peak / 1e9:.1f} GFLOP/s")
         n_tok = b * t
         for name, jt, pt, back in (("forward", j_f, p_f, False), ("forward+backward", j_fb, p_fb, True)):
             j_tps, p_tps = n_tok / jt, n_tok / pt
