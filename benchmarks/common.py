@@ -49,17 +49,6 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return flops / interleaved_times({"dot": call}, reps)["dot"]
 
 
-def best_time(fn, reps: int) -> float:
-    """Median wall time of ``fn()`` over ``reps`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def interleaved_times(fns: dict, reps: int) -> dict:
     """Best wall time of each of ``fns`` (name -> callable) over ``reps`` rounds that call them in turn.
 
