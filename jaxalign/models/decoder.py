@@ -276,8 +276,8 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
         new_cache = (ck, cv)
         k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     mask = _mask(q_idx, kv_idx, kv_valid, window, seg, seg)
-    # skip the masked upper triangle where that was measured to pay (XLA:CPU: the attention forward of a B=4 T=256
-    # 12-head layer 71 -> 42 ms, forward+backward 177 -> 128 ms); with a cache, keys are cache slots, not these rows
+    # skip the masked upper triangle where that was measured to pay (XLA:CPU; benchmarks/attention.py, a B=4 T=256
+    # 12-head layer: forward 42 -> 31 ms, forward+backward 106 -> 70 ms); with a cache, keys are cache slots
     block = _causal_block(q.shape[1]) if cache_kv is None and _platform() == "cpu" else None
     attn = _attention(q, k, v, mask, dt, causal_block=block)
     attn = _proj("btnd,ndh->bth", attn, c("wo"))
