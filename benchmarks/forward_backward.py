@@ -4,9 +4,9 @@
     python benchmarks/forward_backward.py --sizes tiny
 
 Both sides compute the same thing: logits of a [B, T] batch, and for the backward pass the mean next-token NLL and its
-gradient with respect to every parameter. Each jaxalign figure is also shown as a fraction of this CPU's float32 matmul
-peak (one large jnp.dot, timed in turn with the contenders), using the MFU formula of jaxalign.flops. The last column is the
-ratio jaxalign would reach at exactly that peak: the most any implementation could gain over PyTorch at that size.
+gradient with respect to every parameter. Each figure is also shown as a fraction of this CPU's float32 matmul peak
+(one large jnp.dot, timed in turn with the contenders), using the MFU formula of jaxalign.flops. The last column is
+the ratio jaxalign would reach at exactly that peak: the most any implementation could gain over PyTorch there.
 
 Timing: the best of --reps rounds (x5 at the tiny size) that call jaxalign and PyTorch in turn, after a warm-up, so
 both sides see the same load. Still, run it with nothing else going on: on a shared 2-core machine the absolute
