@@ -41,11 +41,14 @@ def main():
     mask = _mask(idx, idx, jnp.ones((b, t), bool), 10**9)
 
     fns, grads = {}, {}
-    blocked = f"jaxalign causal blocks of {_causal_block(t)}" + (" (T fits one: = full)" if t <= _causal_block(t) else "")
-    for name, block in (("jaxalign full", None), (blocked, _causal_block(t))):
-        loss = lambda q, k, v, block=block: jnp.sum(_attention(q, k, v, mask, jnp.float32, causal_block=block) * w)  # noqa: E731
-        fwd = jax.jit(lambda q, k, v, block=block: _attention(q, k, v, mask, jnp.float32, causal_block=block))
-        bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    cb = _causal_block(t)
+    blocked = f"jaxalign causal blocks of {cb}" + (" (T fits one: = full)" if t <= cb else "")
+    for name, block in (("jaxalign full", None), (blocked, cb)):
+        def attend(q, k, v, block=block):
+            return _attention(q, k, v, mask, jnp.float32, causal_block=block)
+
+        fwd = jax.jit(attend)
+        bwd = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v) * w), argnums=(0, 1, 2)))
         fns[(name, "forward")] = lambda fwd=fwd: fwd(q, k, v).block_until_ready()
         fns[(name, "forward+backward")] = lambda bwd=bwd: jax.block_until_ready(bwd(q, k, v))
         grads[name] = bwd(q, k, v)
