@@ -61,8 +61,8 @@ def sampling_bytes_per_device(cfg: ModelConfig, *, prompts_per_batch: int, num_s
       sampling transients below (the first token is sampled in the prefill);
     - decode   = ``(1 + 1.5 / L) KV(R)``: the cache carried by the loop and by the decoder's layer scan (donated,
       updated in place: only the new tokens are written), and the one-layer slices attention reads; plus the sampling
-      transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or
-      sorted logits and their ids, probabilities, cumulative sums, random bits and Gumbel noise);
+      transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or sorted logits and their ids,
+      probabilities, cumulative sums, random bits and Gumbel noise);
     - total    = max(prefill, decode).
 
     Checked against XLA's ``memory_analysis()`` of the compiled functions on CPU (tests/test_sampling.py): the plan is
