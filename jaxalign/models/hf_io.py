@@ -111,7 +111,7 @@ def _layer_to_hf(cfg: ModelConfig, layer: dict[str, np.ndarray]) -> dict[str, np
 
 # ---- reading safetensors -------------------------------------------------------------------------------------------
 
-class _Checkpoint:
+class SafetensorsCheckpoint:
     """Lazy access to the tensors of a folder of safetensors files (single file or sharded with an index)."""
 
     def __init__(self, folder: Path):
@@ -212,7 +212,7 @@ def read_params(folder: Path, cfg: ModelConfig, *, mesh=None, prefix_override: s
     """Read the backbone (and LM head) params of ``cfg`` from ``folder`` in the stacked layout."""
     from jaxalign.sharding import named_sharding
 
-    ckpt = _Checkpoint(folder)
+    ckpt = SafetensorsCheckpoint(folder)
     shapes = param_shapes(cfg)
     if not include_lm_head:
         shapes.pop("lm_head", None)
@@ -247,7 +247,7 @@ def read_params(folder: Path, cfg: ModelConfig, *, mesh=None, prefix_override: s
     return out
 
 
-def _resolve_folder(path: str | Path) -> Path:
+def resolve_model_folder(path: str | Path) -> Path:
     """A local folder, or a hub id resolved through huggingface_hub's cache / download."""
     p = Path(path)
     if p.is_dir():
@@ -269,7 +269,7 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
     """Load a causal LM (``Decoder``) from a local folder or hub id; with ``mesh``, straight into sharded arrays."""
     from jaxalign.models.decoder import Decoder
 
-    folder = _resolve_folder(path)
+    folder = resolve_model_folder(path)
     overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat=remat).items() if v is not None}
     cfg = load_config(folder, **overrides)
     params = read_params(folder, cfg, mesh=mesh)

@@ -59,15 +59,15 @@ class RewardModel(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, mesh=None, seed: int = 0, **overrides) -> "RewardModel":
         """From a sequence-classification checkpoint, or from a causal LM backbone with a freshly initialised head."""
-        from jaxalign.models.hf_io import _Checkpoint, _resolve_folder, read_params
+        from jaxalign.models.hf_io import SafetensorsCheckpoint, resolve_model_folder, read_params
         from jaxalign.sharding import named_sharding
 
-        folder = _resolve_folder(path)
+        folder = resolve_model_folder(path)
         cfg = load_config(folder, **{k: v for k, v in overrides.items() if v is not None})
         params = read_params(folder, cfg, mesh=mesh, include_lm_head=False)
         archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in archs):
-            score = _Checkpoint(folder).get("score.weight", (1, cfg.hidden_size)).reshape(-1)
+            score = SafetensorsCheckpoint(folder).get("score.weight", (1, cfg.hidden_size)).reshape(-1)
         else:
             score = np.asarray(init_score(cfg, jax.random.PRNGKey(seed)))
         score = jnp.asarray(score, jnp.dtype(cfg.param_dtype))

@@ -63,9 +63,9 @@ class Pipeline:
 
         from jaxalign.data.tokenize import ChatEncoder
         from jaxalign.models.config import load_config
-        from jaxalign.models.hf_io import _resolve_folder
+        from jaxalign.models.hf_io import resolve_model_folder
 
-        self.model_dir = _resolve_folder(cfg.model.path)
+        self.model_dir = resolve_model_folder(cfg.model.path)
         self.model_cfg = load_config(self.model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                      remat=cfg.model.remat)
         tok_path = cfg.model.tokenizer or str(self.model_dir)
@@ -422,9 +422,9 @@ class Pipeline:
                 for i, row in enumerate(s["row_ids"]) if ci[i] != ri[i]]
 
     def _rm_score_weight(self, round_: int):
-        from jaxalign.models.hf_io import _Checkpoint
+        from jaxalign.models.hf_io import SafetensorsCheckpoint
 
-        return _Checkpoint(self.reward_dir(round_)).get("score.weight").reshape(-1).astype(self.model_cfg.param_dtype)
+        return SafetensorsCheckpoint(self.reward_dir(round_)).get("score.weight").reshape(-1).astype(self.model_cfg.param_dtype)
 
     def _run_policy(self, phase: Phase):
         from jaxalign.train.steps import StepConfig
