@@ -90,7 +90,7 @@ def np_ppo_policy(logp, old, adv, mask, clip):
     """TRL PPOTrainer's pg loss (masked_mean of max(-A r, -A clip(r))) and d loss / d logp."""
     b, t = logp.shape
     n = mask.sum()
-    per_token, clipped_flags, log_ratios, ratios = np.zeros((b, t)), np.zeros((b, t)), np.zeros((b, t)), np.zeros((b, t))
+    per_token, clipped_flags, log_ratios, ratios = (np.zeros((b, t)) for _ in range(4))
     grad = np.zeros((b, t))
     for i in range(b):
         for s in range(t):
@@ -207,7 +207,8 @@ def token_batch(rng, b=6, t=12):
     ref = logp + rng.normal(0.0, 0.5, (b, t))
     x = {"logp": logp, "old": old, "ref": ref,
          "adv_tok": rng.normal(0, 1, (b, t)), "adv_seq": rng.normal(0, 1, b),
-         "values": rng.normal(0, 1, (b, t)), "returns": rng.normal(0, 1.5, (b, t)), "rewards": rng.normal(0, 0.5, (b, t)),
+         "values": rng.normal(0, 1, (b, t)), "returns": rng.normal(0, 1.5, (b, t)),
+         "rewards": rng.normal(0, 0.5, (b, t)),
          "scores": rng.normal(0, 2, b)}
     x["old_values"] = x["values"] + rng.normal(0, 0.3, (b, t))
     clean = {k: v.astype(np.float32) for k, v in x.items()}

@@ -48,8 +48,8 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     """``(x - mean) / sqrt(var + eps)`` with the masked mean and the Bessel-corrected masked variance over every mask
     token of the batch (TRL ``masked_whiten``, which PPOTrainer applies to the GAE advantages); ``shift_mean=False``
     adds the mean back. Masked positions come back 0."""
-    x = jnp.asarray(x).astype(jnp.float32)
     m = _mask(mask)
+    (x,) = _on_mask(m, x)
     mean = masked_mean(x, m)
     n = jnp.sum(m)
     var = masked_mean((x - mean) ** 2, m) * n / jnp.maximum(n - 1.0, 1.0)
