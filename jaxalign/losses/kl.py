@@ -17,21 +17,30 @@ import jax.numpy as jnp
 from jaxalign.losses.dil import capped_exp
 
 
-def sequence_kl(policy_token_logps, ref_token_logps, mask):
-    """Per-sequence ``{"k1", "k2", "k3", "entropy"}``, each [B], from [B, T] sampled-token log-probs.
+def token_kl(policy_token_logps, ref_token_logps):
+    """Per-token ``{"k1", "k2", "k3", "entropy"}``, each shaped like the inputs (float32), unmasked.
 
-    ``policy_token_logps`` must be the log-probs of the distribution that produced the tokens (the sampler's, at its
-    temperature), else k1 / k3 estimate nothing in particular. ``r`` in k3 uses the linearly continued exp of
-    `dil.capped_exp` so a token whose ``log r`` exceeds 50 gives a large finite value instead of inf.
+    For the on-policy losses, which need the estimators per token (GRPO's k3 penalty, PPO's per-token k1 reward).
+    ``r`` in k3 uses the linearly continued exp of `dil.capped_exp`, so a token whose ``log r`` exceeds 50 gives a
+    large finite value instead of inf.
     """
     q = jnp.asarray(policy_token_logps).astype(jnp.float32)
     p = jnp.asarray(ref_token_logps).astype(jnp.float32)
-    m = jnp.asarray(mask).astype(jnp.float32)
     log_r = p - q
-    per_token = {
+    return {
         "k1": -log_r,
         "k2": 0.5 * log_r**2,
         "k3": capped_exp(log_r) - 1.0 - log_r,
         "entropy": -q,
     }
+
+
+def sequence_kl(policy_token_logps, ref_token_logps, mask):
+    """Per-sequence ``{"k1", "k2", "k3", "entropy"}``, each [B], from [B, T] sampled-token log-probs.
+
+    ``policy_token_logps`` must be the log-probs of the distribution that produced the tokens (the sampler's, at its
+    temperature), else k1 / k3 estimate nothing in particular. The per-token values are `token_kl`'s.
+    """
+    m = jnp.asarray(mask).astype(jnp.float32)
+    per_token = token_kl(policy_token_logps, ref_token_logps)
     return {k: jnp.sum(jnp.where(m != 0, v * m, 0.0), axis=-1) for k, v in per_token.items()}
