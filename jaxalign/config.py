@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from jaxalign.config_checks import DEFAULT_ROUND, ConfigError, validate
+from jaxalign.losses import Objective, get_objective
+from jaxalign.train.optim import OptimConfig
+from jaxalign.train.run import PhaseSettings
+from jaxalign.train.steps import StepConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-METHODS = ("sft", "irl", "dil", "dpo", "spin", "afd")
-
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot work; the message names it and the valid choices."""
 
 
 @dataclasses.dataclass
@@ -34,6 +35,14 @@ class Run:
     demo_task: bool = False  # build the self-generated demo task (tokenizer, tiny model, data) into the workdir
     phases: str = ""  # a round's phase order, e.g. "sample,reward,policy,eval" (default: the method's)
     show_progress: bool = True
+
+    def round_phases(self) -> list[str]:
+        """The phase kinds of one round, in order."""
+        text = self.phases or DEFAULT_ROUND.get(self.method, "")
+        return [p.strip() for p in text.split(",") if p.strip()]
+
+    def num_rounds(self) -> int:
+        return 1 if self.method in ("dil", "dpo", "afd") else self.rounds
 
 
 @dataclasses.dataclass
@@ -76,9 +85,8 @@ class Data:
 
 @dataclasses.dataclass
 class Train:
-    """Shared by the sft / reward / policy sections."""
+    """Shared by the sft / reward / policy sections; each section builds its optimizer and loop settings."""
 
-    enabled: bool = True
     learning_rate: float = 1e-5
     optimizer: str = "adamw"
     schedule: str = "cosine"
@@ -90,7 +98,27 @@ class Train:
     epochs: int = 1
     max_steps: int = 0
     save_every: int = 100
-    pack: bool = False
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(name=self.optimizer, learning_rate=self.learning_rate, schedule=self.schedule,
+                           warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm)
+
+    def settings(self, *, seed: int, reliability: "Reliability", show_progress: bool) -> PhaseSettings:
+        return PhaseSettings(global_batch_size=self.batch_size, num_epochs=self.epochs, max_steps=self.max_steps,
+                             seed=seed, save_every=self.save_every, keep_checkpoints=reliability.keep_checkpoints,
+                             async_checkpointing=reliability.async_checkpointing,
+                             skip_nonfinite=reliability.skip_nonfinite, pack=getattr(self, "pack", False),
+                             show_progress=show_progress)
+
+
+@dataclasses.dataclass
+class Sft(Train):
+    enabled: bool = True  # false: the model is already instruction-tuned (the 7B recipes)
+    pack: bool = False  # several documents per row (segment-masked attention)
+
+    def step(self) -> StepConfig:
+        return StepConfig("sft", accum_steps=self.accum_steps)
 
 
 @dataclasses.dataclass
@@ -100,6 +128,10 @@ class Reward(Train):
     loss: str = "bradley_terry"  # bradley_terry (pairs) | afd_discriminator (AfD: pointwise, positives vs negatives)
     reinit_each_round: bool = True  # the IRL authors re-initialise the RM from the SFT backbone every round
     accumulate_pairs: bool = True  # train round k's RM on the (demo, sample) pairs of rounds 1..k
+
+    def step(self) -> StepConfig:
+        return StepConfig("reward", accum_steps=self.accum_steps, margin=self.margin, center_coef=self.center_coef,
+                          reward_loss=self.loss)
 
 
 @dataclasses.dataclass
@@ -114,6 +146,27 @@ class Policy(Train):
     pairs: str = "best_of_n"  # best_of_n (RM-scored samples) | demo_vs_sample | dataset (given preference data)
     pair_rule: str = "max_min"  # a name in jaxalign.losses.PAIR_RULES
     num_samples: int = 4  # N for best_of_n
+
+    def build_objective(self) -> Objective:
+        """The objective with the recipe's overrides (beta, reduce) bound in; ValueError for a bad combination."""
+        overrides: dict[str, Any] = {}
+        if self.beta != -1:
+            overrides["beta"] = self.beta
+        if self.reduce:
+            overrides["reduce"] = self.reduce
+        return get_objective(self.objective, **overrides)[1]
+
+    def reference_logps(self, objective: Objective) -> str:
+        """How the reference model's log-probs reach the step: "none" (a reference-free objective), "precomputed"
+        (once before the phase, carried in the batches) or "in_step" (the frozen weights' forward in every step)."""
+        if not objective.uses_reference:
+            return "none"
+        return "precomputed" if self.precompute_reference else "in_step"
+
+    def step(self, *, reference_logps: str | None = None) -> StepConfig:
+        objective = self.build_objective()
+        return StepConfig("policy", accum_steps=self.accum_steps, objective=objective,
+                          reference_logps=reference_logps or self.reference_logps(objective))
 
 
 @dataclasses.dataclass
@@ -151,7 +204,7 @@ class Config:
     model: Model = dataclasses.field(default_factory=Model)
     mesh: Mesh = dataclasses.field(default_factory=Mesh)
     data: Data = dataclasses.field(default_factory=Data)
-    sft: Train = dataclasses.field(default_factory=Train)
+    sft: Sft = dataclasses.field(default_factory=Sft)
     sample: Sample = dataclasses.field(default_factory=Sample)
     reward: Reward = dataclasses.field(default_factory=Reward)
     policy: Policy = dataclasses.field(default_factory=Policy)
@@ -196,7 +249,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             pass
     if not ok.get(tp, True):
         raise ConfigError(f"{where}: {key}={value!r} should be of type {tp.__name__}.")
-    return float(value) if tp is float else value
+    if tp is float:
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float range
+            raise ConfigError(f"{where}: {key}={value!r} is too large for a float.") from None
+    return value
 
 
 def _build(cls, raw: dict[str, Any], prefix: str, where: str):
@@ -272,129 +330,6 @@ def load(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     cfg = _build(Config, raw, "", str(path))
     validate(cfg, where=str(path) + (" + command line" if overrides else ""))
     return cfg
-
-
-# ---- checking values and their combination ------------------------------------------------------------------------
-
-DTYPES = ("float32", "bfloat16", "float16")
-CHOICES = {
-    "run.method": METHODS,
-    "model.dtype": DTYPES,
-    "model.param_dtype": DTYPES,
-    "model.remat": ("none", "full", "dots"),
-    "data.gold_metric": ("", "demo"),
-    "policy.reduce": ("", "sum", "mean"),
-    "policy.reference": ("sft", "previous"),
-    "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset"),
-    "optimizer": ("adamw", "rmsprop", "sgd"),  # sft / reward / policy
-    "schedule": ("cosine", "linear", "constant"),
-}
-
-
-def validate(cfg: Config, where: str = "config") -> None:
-    """Check every value and the combinations that would otherwise fail mid-run (after hours of compute), before
-    anything is loaded or compiled; raises ConfigError naming the key, the value and what is allowed. The phase order
-    is checked by ``jaxalign.pipeline.phases.plan`` and paths / datasets when the run is prepared."""
-    import math
-
-    from jaxalign.data.formats import FORMATS
-
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, value: Any, what: str) -> None:
-        if not ok:
-            problems.append(f"{key}={value!r}: {what}")
-
-    def choice(key: str, value: Any, allowed) -> None:
-        need(value in allowed, key, value, f"choose one of {', '.join(repr(a) for a in allowed)}")
-
-    def number(key: str, value: float, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False) -> None:
-        if not math.isfinite(value):
-            need(False, key, value, "must be a finite number")
-        elif low is not None and (value <= low if low_open else value < low):
-            need(False, key, value, f"must be {'>' if low_open else '>='} {low}")
-        elif high is not None and value > high:
-            need(False, key, value, f"must be <= {high}")
-
-    for key, allowed in CHOICES.items():
-        if "." in key:
-            section, name = key.split(".")
-            choice(key, getattr(getattr(cfg, section), name), allowed)
-    need(bool(cfg.run.name.strip()), "run.name", cfg.run.name, "must not be empty (it names the work directory)")
-    number("run.rounds", cfg.run.rounds, low=1)
-    number("run.seed", cfg.run.seed, low=0, high=2**31 - 1)
-    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    for name, size in zip(("data", "fsdp", "tensor"), sizes):
-        need(size == -1 or size >= 1, f"mesh.{name}", size, "must be >= 1, or -1 for all remaining devices")
-    need(sizes.count(-1) <= 1, "mesh", dict(zip(("data", "fsdp", "tensor"), sizes)), "at most one axis may be -1")
-    d = cfg.data
-    number("data.max_length", d.max_length, low=2)
-    need(1 <= d.max_prompt_length < max(d.max_length, 2), "data.max_prompt_length", d.max_prompt_length,
-         f"must be >= 1 and leave room for a response within data.max_length={d.max_length}")
-    for name in ("train", "eval_prompts", "eval_prefs"):
-        ds = getattr(d, name)
-        choice(f"data.{name}.format", ds.format, ("auto",) + tuple(FORMATS))
-        number(f"data.{name}.limit", ds.limit, low=0)
-        need(bool(ds.split.strip()), f"data.{name}.split", ds.split, "must name a split, e.g. train")
-    for section in ("sft", "reward", "policy"):
-        t = getattr(cfg, section)
-        choice(f"{section}.optimizer", t.optimizer, CHOICES["optimizer"])
-        choice(f"{section}.schedule", t.schedule, CHOICES["schedule"])
-        number(f"{section}.learning_rate", t.learning_rate, low=0.0, low_open=True)
-        number(f"{section}.warmup_ratio", t.warmup_ratio, low=0.0, high=1.0)
-        number(f"{section}.weight_decay", t.weight_decay, low=0.0)
-        number(f"{section}.max_grad_norm", t.max_grad_norm, low=0.0)
-        number(f"{section}.batch_size", t.batch_size, low=1)
-        number(f"{section}.accum_steps", t.accum_steps, low=1)
-        if t.batch_size >= 1 and t.accum_steps >= 1:
-            need(t.batch_size % t.accum_steps == 0, f"{section}.batch_size", t.batch_size,
-                 f"must be a multiple of {section}.accum_steps={t.accum_steps} (batch_size is the whole batch of "
-                 f"an optimizer step, split into accum_steps micro-batches)")
-        number(f"{section}.epochs", t.epochs, low=1)
-        number(f"{section}.max_steps", t.max_steps, low=0)
-        number(f"{section}.save_every", t.save_every, low=1)
-    number("reward.margin", cfg.reward.margin)
-    number("reward.center_coef", cfg.reward.center_coef, low=0.0)
-    choice("reward.loss", cfg.reward.loss, ("bradley_terry", "afd_discriminator"))
-    p = cfg.policy
-    need(p.beta == -1 or (math.isfinite(p.beta) and p.beta > 0), "policy.beta", p.beta,
-         "must be > 0, or -1 for the objective's default")
-    number("policy.num_samples", p.num_samples, low=1)
-    if cfg.run.method == "irl" and p.pairs == "best_of_n":
-        need(p.num_samples >= 2, "policy.num_samples", p.num_samples,
-             "best-of-N pairs need at least 2 samples per prompt")
-    from jaxalign.losses import OBJECTIVES, PAIR_RULES, get_objective
-
-    choice("policy.pair_rule", p.pair_rule, tuple(PAIR_RULES))
-    if p.objective not in OBJECTIVES:
-        choice("policy.objective", p.objective, tuple(sorted(OBJECTIVES)))
-    else:
-        args = {"beta": p.beta} if p.beta != -1 else {}
-        if p.reduce in ("sum", "mean"):
-            args["reduce"] = p.reduce
-        try:
-            get_objective(p.objective, **args)
-        except ValueError as e:
-            problems.append(f"policy.objective={p.objective!r}: {e}")
-    s = cfg.sample
-    number("sample.max_new_tokens", s.max_new_tokens, low=1)
-    number("sample.temperature", s.temperature, low=0.0)
-    number("sample.top_p", s.top_p, low=0.0, high=1.0, low_open=True)
-    number("sample.top_k", s.top_k, low=0)
-    number("sample.batch_size", s.batch_size, low=0)
-    number("sample.limit", s.limit, low=0)
-    need(s.negative_temperature == -1 or (math.isfinite(s.negative_temperature) and s.negative_temperature >= 0),
-         "sample.negative_temperature", s.negative_temperature, "must be >= 0, or -1 to reuse the policy samples")
-    e = cfg.eval
-    number("eval.num_prompts", e.num_prompts, low=1)
-    number("eval.max_new_tokens", e.max_new_tokens, low=1)
-    number("eval.temperature", e.temperature, low=0.0)
-    number("eval.table_rows", e.table_rows, low=0)
-    number("eval.best_of_n", e.best_of_n, low=0)
-    number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
-    if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

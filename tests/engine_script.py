@@ -303,6 +303,7 @@ def main(argv=None) -> int:
     from jaxalign.train.loop import EXIT_PREEMPTED as LOOP_EXIT, NonFiniteError, Preempted
     from jaxalign.train.optim import OptimConfig
     from jaxalign.train.run import PhaseSettings, train
+    from jaxalign.losses import get_objective
     from jaxalign.train.steps import StepConfig
 
     assert LOOP_EXIT == EXIT_PREEMPTED
@@ -322,8 +323,8 @@ def main(argv=None) -> int:
         ex[key][1] = cfg.vocab_size + 1000
         examples[args.poison_row] = ex
     mesh = sharding.make_mesh(*(int(x) for x in args.mesh.split(",")))
-    kind = {"sft": "sft", "reward": "reward"}.get(args.kind, "preference")
-    step_cfg = StepConfig(kind, objective={"dpo": "dpo", "dil": "dil_lsif"}.get(args.kind, "dpo"))
+    kind = {"sft": "sft", "reward": "reward"}.get(args.kind, "policy")
+    step_cfg = StepConfig(kind, objective=get_objective({"dpo": "dpo", "dil": "dil_lsif"}.get(args.kind, "dpo"))[1])
     settings = PhaseSettings(global_batch_size=args.batch, num_epochs=args.epochs, max_steps=args.steps,
                              save_every=args.save_every, keep_checkpoints=args.keep,
                              async_checkpointing=not args.sync_save, skip_nonfinite=args.skip_nonfinite,
@@ -370,9 +371,9 @@ def main(argv=None) -> int:
 
         PhaseCheckpointer.save = save
 
-    ref = params if kind == "preference" else None
+    ref = params if kind == "policy" else None
     try:
-        final = train(kind=kind, cfg=cfg, params=params, examples=examples, phase_dir=workdir / PHASE, mesh=mesh,
+        final = train(cfg=cfg, params=params, examples=examples, phase_dir=workdir / PHASE, mesh=mesh,
                       step_cfg=step_cfg, optim=optim, settings=settings, pad_id=cfg.pad_token_id, buckets=(32,),
                       ref_params=ref, on_step=on_step, on_batch=on_batch, name=PHASE)
     except Preempted as e:

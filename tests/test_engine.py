@@ -99,9 +99,9 @@ def test_reward_step_separates_pairs(base_params):
 
 
 @pytest.mark.parametrize("objective", ["dpo", "dil_lsif"])
-def test_preference_steps_raise_accuracy(base_params, objective):
+def test_policy_steps_raise_accuracy(base_params, objective):
     batch = host_batches("pair", fx.pair_examples(16), 16, 1)[0]
-    tr = Trainer(base_params, StepConfig("preference", objective=objective),
+    tr = Trainer(base_params, StepConfig("policy", objective=get_objective(objective)[1]),
                  OptimConfig(learning_rate=3e-3, warmup_ratio=0, schedule="constant"), one_device(), batch,
                  ref_params=base_params)
     metrics = [tr.step(batch) for _ in range(15)]
@@ -126,9 +126,9 @@ def test_precomputed_reference_matches_in_step_reference(base_params, tmp_path, 
     batches = host_batches("pair", with_ref, 8, 3)
     assert batches[0]["ref_chosen_logps"].dtype == np.float32 and batches[0]["ref_chosen_logps"].shape == (8,)
     optim = OptimConfig(learning_rate=1e-3, warmup_ratio=0)
-    in_step = Trainer(policy, StepConfig("preference", objective="dpo"), optim, mesh,
+    in_step = Trainer(policy, StepConfig("policy", objective=get_objective("dpo")[1]), optim, mesh,
                       {k: v for k, v in batches[0].items() if not k.startswith("ref_")}, ref_params=base_params)
-    pre = Trainer(policy, StepConfig("preference", objective="dpo", reference="precomputed"), optim, mesh,
+    pre = Trainer(policy, StepConfig("policy", objective=get_objective("dpo")[1], reference_logps="precomputed"), optim, mesh,
                   batches[0])
     for b in batches:
         m_in = in_step.step({k: v for k, v in b.items() if not k.startswith("ref_")})
@@ -166,7 +166,7 @@ def test_gradient_accumulation_equals_one_big_batch(base_params, kind):
         ref = None
     else:
         batch = host_batches("pair", fx.pair_examples(16), 16, 1)[0]
-        cfgs = [StepConfig("preference", objective="dpo", accum_steps=k) for k in (1, 4)]
+        cfgs = [StepConfig("policy", objective=get_objective("dpo")[1], accum_steps=k) for k in (1, 4)]
         ref = base_params
     policy = numpy_params(3)
     optim = OptimConfig(name="sgd", learning_rate=1.0, warmup_ratio=0, schedule="constant", max_grad_norm=0)

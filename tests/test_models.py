@@ -15,7 +15,7 @@ import pytest
 from hf_models import VARIANTS, make_hf_model
 from jaxalign import sharding
 from jaxalign.models import (Decoder, ModelConfigError, RewardModel, forward, from_pretrained, load_config,
-                             logical_axes, save_pretrained)
+                             param_axes, save_pretrained)
 
 torch = pytest.importorskip("torch")
 
@@ -169,7 +169,7 @@ def test_sharded_forward_and_grad_equal_single_device(shape, hf_dir):
     mesh = sharding.make_mesh(*shape)
     model = from_pretrained(folder, mesh=mesh)
     params = model.param_dict()
-    p_shard = sharding.tree_shardings(params, logical_axes(params), mesh)
+    p_shard = sharding.tree_shardings(params, param_axes(params), mesh)
     for k, v in params.items():
         assert v.sharding.is_equivalent_to(p_shard[k], v.ndim), k
     x = sharding.shard_batch({"ids": np.asarray(ids)}, mesh)["ids"]

@@ -167,7 +167,7 @@ def poisoned():
 
 
 def _train(examples, workdir, *, skip, counters=None):
-    return train(kind="sft", cfg=CFG, params=_init_params(CFG, "sft"), examples=examples, phase_dir=workdir,
+    return train(cfg=CFG, params=_init_params(CFG, "sft"), examples=examples, phase_dir=workdir,
                  mesh=sharding.single_device_mesh(), step_cfg=StepConfig("sft"),
                  optim=OptimConfig(learning_rate=1e-2, warmup_ratio=0), pad_id=0, buckets=(32,),
                  settings=PhaseSettings(skip_nonfinite=skip, **SETTINGS), counters=counters)

@@ -49,9 +49,11 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "b_up": ("layers", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
     "b_down": ("layers", "embed"),
-    "score": ("embed",),  # the reward head (jaxalign.models.reward)
 }
-TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias", "score")
+TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias")
+# the per-layer weights, stacked on a leading "layers" axis and scanned over; anything else a caller keeps in the same
+# dict (a reward head, say) is not the decoder's business
+LAYER_NAMES = tuple(name for name, axes in LOGICAL_AXES.items() if axes[0] == "layers")
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked (padding) row gives no NaN
 
 
@@ -362,7 +364,7 @@ def forward(
     table = constrain(params["embed"], ("vocab", None))
     x = jnp.take(table, input_ids, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "embed"))
-    layer_params = {k: v for k, v in params.items() if k not in TOP_LEVEL}
+    layer_params = {k: v for k, v in params.items() if k in LAYER_NAMES}
 
     def body(x, xs):
         p, window = xs
@@ -417,12 +419,10 @@ class Decoder(nnx.Module):
             params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
         self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
 
+    HF_HEAD = "causal_lm"  # what save_pretrained writes: *ForCausalLM
+
     def param_dict(self) -> dict[str, jax.Array]:
         return {k: v[...] for k, v in self.params.items()}
 
     def __call__(self, input_ids, **kw):
         return forward(self.param_dict(), self.cfg, input_ids, **kw)
-
-
-def logical_axes(params: dict[str, Any]) -> dict[str, tuple[str | None, ...]]:
-    return {k: LOGICAL_AXES[k] for k in params}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.config import ModelConfig, ModelConfigError, load_config
-from jaxalign.models.decoder import LOGICAL_AXES, TOP_LEVEL, param_shapes
+from jaxalign.models.decoder import LAYER_NAMES, LOGICAL_AXES, TOP_LEVEL, param_shapes
 
 # ---- name mapping --------------------------------------------------------------------------------------------------
 
@@ -324,17 +324,12 @@ def _hf_config_dict(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
     return d
 
 
-def _host_layers(arr: jax.Array) -> Iterator[np.ndarray]:
-    for i in range(arr.shape[0]):
-        yield np.asarray(jax.device_get(arr[i]))
-
-
 def _iter_hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array], with_lm_head: bool) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, tensor) pairs, one layer at a time, so saving holds one layer on the host."""
     pre = _prefix(cfg)
     for name, hf in _top_names(cfg).items():
         yield hf, np.asarray(jax.device_get(params[name]))
-    layer_names = [k for k in params if k not in TOP_LEVEL]
+    layer_names = [k for k in params if k in LAYER_NAMES]
     for i in range(cfg.num_layers):
         layer = {k: np.asarray(jax.device_get(params[k][i])) for k in layer_names}
         for suffix, t in _layer_to_hf(cfg, layer).items():
@@ -391,28 +386,42 @@ def write_checkpoint(folder: str | Path, config: dict[str, Any], tensors: Iterat
     return folder
 
 
-def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``model`` (a ``Decoder`` or ``RewardModel``) as a transformers-loadable checkpoint folder."""
-    from jaxalign.models.reward import RewardModel
+HF_ARCHITECTURES = {
+    "causal_lm": {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"},
+    "sequence_classification": {"llama": "LlamaForSequenceClassification",
+                                "mistral": "MistralForSequenceClassification",
+                                "qwen2": "Qwen2ForSequenceClassification",
+                                "qwen3": "Qwen3ForSequenceClassification",
+                                "gpt_neox": "GPTNeoXForSequenceClassification"},
+}
 
-    cfg: ModelConfig = model.cfg
-    params = model.param_dict()
-    if isinstance(model, RewardModel):
-        arch = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
-                "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
-                "gpt_neox": "GPTNeoXForSequenceClassification"}[cfg.model_type]
-        config = _hf_config_dict(cfg, arch)
+
+def save_params(params: dict[str, jax.Array], cfg: ModelConfig, path: str | Path, *, head: str = "causal_lm",
+                max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a parameter dict as a transformers checkpoint folder.
+
+    ``head="causal_lm"`` writes ``*ForCausalLM`` (the LM head, untied or tied); ``head="sequence_classification"``
+    writes ``*ForSequenceClassification`` with one label, its ``score.weight`` taken from ``params["score"]`` (the
+    reward model of :mod:`jaxalign.models.reward`). Every process may call it; only process 0 writes, after the
+    parameters are gathered from all hosts.
+    """
+    if head not in HF_ARCHITECTURES:
+        raise ValueError(f"head={head!r}; choose one of {', '.join(HF_ARCHITECTURES)}")
+    config = _hf_config_dict(cfg, HF_ARCHITECTURES[head][cfg.model_type])
+    if head == "sequence_classification":
         config["num_labels"] = 1
         config["id2label"], config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
 
-        def tensors():
-            yield from _iter_hf_tensors(cfg, params, with_lm_head=False)
+    def tensors():
+        yield from _iter_hf_tensors(cfg, params, with_lm_head=head == "causal_lm")
+        if head == "sequence_classification":
             yield "score.weight", np.asarray(jax.device_get(params["score"])).reshape(1, -1)
-    else:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}[cfg.model_type]
-        config = _hf_config_dict(cfg, arch)
 
-        def tensors():
-            yield from _iter_hf_tensors(cfg, params, with_lm_head=True)
     return write_checkpoint(path, config, tensors(), max_shard_bytes)
+
+
+def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``model`` (a ``Decoder`` or ``RewardModel``: its ``HF_HEAD`` names the head) as a transformers-loadable
+    checkpoint folder."""
+    return save_params(model.param_dict(), model.cfg, path, head=model.HF_HEAD, max_shard_bytes=max_shard_bytes)

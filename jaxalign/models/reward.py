@@ -1,7 +1,10 @@
 """A scalar reward head on the decoder backbone, read from and written as ``AutoModelForSequenceClassification``.
 
 The reward of a sequence is ``score . h_last`` where ``h_last`` is the final (normed) hidden state of its last
-non-padding token — the same token transformers' sequence-classification heads pool.
+non-padding token — the same token transformers' sequence-classification heads pool. A reward model's parameters are
+the decoder's (without the LM head) plus ``score`` [H]; :func:`read_reward_params` is the one way the pipeline loads
+one (the reward phase's initialisation, pair scoring and evaluation alike) and
+``jaxalign.models.save_params(..., head="sequence_classification")`` the one way it is written.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from flax import nnx
 
 from jaxalign.models.config import ModelConfig, load_config
 from jaxalign.models.decoder import forward, init_params
+from jaxalign.models.hf_io import SafetensorsCheckpoint, read_params, resolve_model_folder
+from jaxalign.sharding import named_sharding
+
+SCORE_AXES = ("embed",)  # logical sharding axes of the head
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -38,8 +45,31 @@ def init_score(cfg: ModelConfig, key: jax.Array) -> jax.Array:
         jnp.dtype(cfg.param_dtype))
 
 
+def is_reward_checkpoint(folder: Path) -> bool:
+    archs = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def read_reward_params(folder: str | Path, cfg: ModelConfig, *, mesh=None, seed: int = 0) -> dict[str, jax.Array]:
+    """A reward model's parameters from a sequence-classification checkpoint, or from a causal-LM backbone with a
+    freshly initialised head (``seed``) — how every round's RM starts from the SFT model."""
+    folder = resolve_model_folder(folder)
+    params = read_params(folder, cfg, mesh=mesh, include_lm_head=False)
+    if is_reward_checkpoint(folder):
+        score = SafetensorsCheckpoint(folder).get("score.weight", (1, cfg.hidden_size)).reshape(-1)
+    else:
+        score = np.asarray(init_score(cfg, jax.random.PRNGKey(seed)))
+    score = jnp.asarray(score, jnp.dtype(cfg.param_dtype))
+    if mesh is not None:
+        score = jax.device_put(score, named_sharding(SCORE_AXES, score.shape, mesh))
+    params["score"] = score
+    return params
+
+
 class RewardModel(nnx.Module):
     """``rm(input_ids, attention_mask=...)`` returns rewards ``[B]``."""
+
+    HF_HEAD = "sequence_classification"  # what save_pretrained writes
 
     def __init__(self, cfg: ModelConfig, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
         self.cfg = cfg
@@ -59,19 +89,6 @@ class RewardModel(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, mesh=None, seed: int = 0, **overrides) -> "RewardModel":
         """From a sequence-classification checkpoint, or from a causal LM backbone with a freshly initialised head."""
-        from jaxalign.models.hf_io import SafetensorsCheckpoint, resolve_model_folder, read_params
-        from jaxalign.sharding import named_sharding
-
         folder = resolve_model_folder(path)
         cfg = load_config(folder, **{k: v for k, v in overrides.items() if v is not None})
-        params = read_params(folder, cfg, mesh=mesh, include_lm_head=False)
-        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
-        if any(a.endswith("ForSequenceClassification") for a in archs):
-            score = SafetensorsCheckpoint(folder).get("score.weight", (1, cfg.hidden_size)).reshape(-1)
-        else:
-            score = np.asarray(init_score(cfg, jax.random.PRNGKey(seed)))
-        score = jnp.asarray(score, jnp.dtype(cfg.param_dtype))
-        if mesh is not None:
-            score = jax.device_put(score, named_sharding(("embed",), score.shape, mesh))
-        params["score"] = score
-        return cls(cfg, params)
+        return cls(cfg, read_reward_params(folder, cfg, mesh=mesh, seed=seed))

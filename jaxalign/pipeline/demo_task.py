@@ -402,8 +402,3 @@ def save_random_model(cfg, folder: str | Path, *, seed: int = 0, std: float = 0.
             value = (std * rng.standard_normal(shape)).astype(np.float32)
         params[name] = jnp.asarray(value, cfg.param_dtype)
     return save_pretrained(Decoder(cfg, params), folder)
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """The user prompts of a ``messages`` or preference jsonl file written by ``build_demo_assets``."""
-    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]

@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
+
+import matplotlib
+from etils import epath
+
+from jaxalign import config as config_lib
+from jaxalign.metrics import read_metrics
+from jaxalign.pipeline.context import RunContext
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
 
 ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold", "bon_rm_win_rate_vs_sft",
               "answer_length")
 
 
-def _done(p) -> list[dict]:
-    out = []
-    for phase in p.phases:
-        f = p.phase_dir(phase) / "done.json"
-        if f.is_file():
-            out.append(json.loads(f.read_text()))
-    return out
+def _done(ctx: RunContext) -> list[dict]:
+    return [info for info in (ctx.workdir.done(phase) for phase in ctx.phases) if info]
 
 
-def round_table(p) -> list[dict[str, Any]]:
+def round_table(ctx: RunContext) -> list[dict[str, Any]]:
     """One row per round (0 = SFT): eval metrics, the round's training metrics, tokens/s and time."""
     rows: dict[int, dict[str, Any]] = {}
-    for info in _done(p):
+    for info in _done(ctx):
         r = rows.setdefault(info["round"], {"round": info["round"], "seconds": 0.0})
         r["seconds"] += info["seconds"]
         m = info["metrics"]
@@ -54,15 +58,8 @@ def _table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _plots(p, table: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from jaxalign.metrics import read_metrics
-
-    out_dir = p.workdir / "plots"
+def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
+    out_dir = ctx.workdir.plots
     out_dir.mkdir(exist_ok=True)
     made = []
     keys = [k for k in ROUND_KEYS[:3] if any(k in r for r in table)]
@@ -82,8 +79,8 @@ def _plots(p, table: list[dict]) -> list[str]:
         plt.close(fig)
         made.append("plots/rounds.png")
     curves = []
-    for phase in p.phases:
-        rows = [r for r in read_metrics(p.phase_dir(phase) / "tb", latest_only=True) if r.get("split") == "train"]
+    for phase in ctx.phases:
+        rows = [r for r in read_metrics(ctx.workdir.phase(phase) / "tb", latest_only=True) if r.get("split") == "train"]
         if rows:
             curves.append((phase.name, rows))
     if curves:
@@ -107,15 +104,15 @@ def _plots(p, table: list[dict]) -> list[str]:
     return made
 
 
-def _samples_table(p) -> str:
+def _samples_table(ctx: RunContext) -> str:
     evals = []
-    for phase in p.phases:
-        f = p.phase_dir(phase) / "eval.json"
+    for phase in ctx.phases:
+        f = ctx.workdir.eval_file(phase)
         if phase.kind == "eval" and f.is_file():
             evals.append((phase.round, json.loads(f.read_text())))
     if not evals:
         return ""
-    n = min(p.cfg.eval.table_rows, len(evals[0][1]["prompts"]))
+    n = min(ctx.cfg.eval.table_rows, len(evals[0][1]["prompts"]))
     cols = ["prompt", "demonstration"] + [("SFT" if r == 0 else f"round {r}") for r, _ in evals]
     clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -126,29 +123,27 @@ def _samples_table(p) -> str:
     return "\n".join(lines)
 
 
-def summary(p) -> str:
+def summary(ctx: RunContext) -> str:
     lines = ["Run summary (counted skips and changes):"]
-    for rep in p.data_reports:
+    for rep in ctx.data_reports:
         lines.append("  " + rep.summary().replace("\n", "\n  "))
-    for k, v in sorted(p.counters.items()):
+    for k, v in sorted(ctx.counters.items()):
         lines.append(f"  {k}: {v}")
     return "\n".join(lines)
 
 
-def write_report(p) -> Path:
-    from jaxalign import config as config_lib
-
-    table = round_table(p)
-    plots = _plots(p, table)
+def write_report(ctx: RunContext) -> epath.Path:
+    table = round_table(ctx)
+    plots = _plots(ctx, table)
     keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold",
                                     "bon_rm_win_rate_vs_sft", "rm_train_accuracy",
                                     "policy_loss", "policy_reward_accuracy", "sft_loss", "answer_length",
                                     "sample_tokens_per_second", "policy_tokens_per_second", "seconds")
                         if any(k in r for r in table)]
-    phases = _done(p)
+    phases = _done(ctx)
     parts = [
-        f"# jaxalign run: {p.cfg.run.name} ({p.cfg.run.method})",
-        f"Work directory `{p.workdir}`; {len(phases)} of {len(p.phases)} phases finished; "
+        f"# jaxalign run: {ctx.cfg.run.name} ({ctx.cfg.run.method})",
+        f"Work directory `{ctx.workdir.root}`; {len(phases)} of {len(ctx.phases)} phases finished; "
         f"total {sum(x['seconds'] for x in phases):.0f} s.",
         "## Rounds", _table(table, keys),
         *[f"![{x}]({x})" for x in plots],
@@ -158,10 +153,10 @@ def write_report(p) -> Path:
                                                                   "tokens_per_second", "gold")}}
                 for x in phases], ["phase", "kind", "seconds", "steps", "loss", "rewards/accuracies",
                                    "tokens_per_second", "gold"]),
-        "## Samples", _samples_table(p) or "(no evaluation yet)",
-        "## Data and skips", "```\n" + summary(p) + "\n```",
-        "## Config", "```yaml\n" + config_lib.dump(p.cfg) + "```",
+        "## Samples", _samples_table(ctx) or "(no evaluation yet)",
+        "## Data and skips", "```\n" + summary(ctx) + "\n```",
+        "## Config", "```yaml\n" + config_lib.dump(ctx.cfg) + "```",
     ]
-    out = p.workdir / "report.md"
+    out = ctx.workdir.report
     out.write_text("\n\n".join(parts) + "\n")
     return out

@@ -75,8 +75,7 @@ def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn
             if phase in ("sample", "eval"):
                 rows += plan_sampler(cfg, mcfg, mesh, sl, phase=phase)
             else:
-                rows.append(plan_train({"sft": "sft", "reward": "reward", "policy": "preference"}[phase], cfg, mcfg,
-                                       mesh, sl, what_if))
+                rows.append(plan_train(phase, cfg, mcfg, mesh, sl, what_if))
             for r in rows:
                 judge(r, cfg, mesh, sl)
     if print_fn is not None:

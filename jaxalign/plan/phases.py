@@ -51,7 +51,6 @@ class PhaseRow:
     step_s: float | None = None
     mfu: float | None = None
     compile_s: float = 0.0
-    analysis_total: float | None = None  # arguments + outputs - aliased + temps from memory_analysis (cross-check)
     exact: bool = True  # False when the compiler refused the program and total comes from its error message
 
     @property
@@ -113,7 +112,8 @@ def _sds(shape, dtype, sharding):
 def abstract_params(mcfg, mesh, *, reward: bool = False, dtype=None) -> dict:
     import jax.numpy as jnp
 
-    from jaxalign.models.decoder import LOGICAL_AXES, param_shapes
+    from jaxalign.models.axes import PARAM_AXES
+    from jaxalign.models.decoder import param_shapes
     from jaxalign.sharding import named_sharding
 
     shapes = param_shapes(mcfg)
@@ -123,7 +123,7 @@ def abstract_params(mcfg, mesh, *, reward: bool = False, dtype=None) -> dict:
     out = {}
     for k, s in shapes.items():
         dt = jnp.dtype(dtype(k) if callable(dtype) else (dtype or mcfg.param_dtype))
-        out[k] = _sds(s, dt, named_sharding(LOGICAL_AXES[k], s, mesh))
+        out[k] = _sds(s, dt, named_sharding(PARAM_AXES[k], s, mesh))
     return out
 
 
@@ -205,7 +205,6 @@ def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any]
     shutil.rmtree(dump, ignore_errors=True)
     in_step = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                     + mem.temp_size_in_bytes)
-    row.analysis_total = in_step
     if allocated:  # what the runtime reserves: every HBM allocation of the buffer assignment
         in_step = allocated
         row.temps = max(allocated - mem.argument_size_in_bytes - mem.output_size_in_bytes
@@ -230,11 +229,9 @@ def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any]
 # ---- the phases -------------------------------------------------------------------------------------------------
 
 def _optimizer(section, mu_dtype: str = ""):
-    from jaxalign.train.optim import OptimConfig, make_optimizer
+    from jaxalign.train.optim import make_optimizer
 
-    optim = OptimConfig(name=section.optimizer, learning_rate=section.learning_rate, schedule=section.schedule,
-                        warmup_ratio=section.warmup_ratio, weight_decay=section.weight_decay,
-                        max_grad_norm=section.max_grad_norm)
+    optim = section.optim()
     opt, schedule = make_optimizer(optim, 1000)
     if mu_dtype and optim.name == "adamw":  # the same chain with AdamW's first moment in mu_dtype
         import jax.numpy as jnp
@@ -261,8 +258,8 @@ def _check_batch(name: str, section, mesh) -> None:
 class WhatIf:
     """Engine changes to plan before making them (the default plans the engine as it is).
 
-    - ``precomputed_reference``: the preference step reads reference log-probs from the batch
-      (``StepConfig(reference="precomputed")``, :mod:`jaxalign.train.reference`) instead of holding the reference
+    - ``precomputed_reference``: the policy step reads reference log-probs from the batch
+      (``StepConfig(reference_logps="precomputed")``, :mod:`jaxalign.train.reference`) instead of holding the reference
       weights and running their forward pass;
     - ``mu_dtype``: AdamW's first moment in this dtype (``optax.adamw(mu_dtype=...)``), e.g. ``"bfloat16"``.
     """
@@ -276,10 +273,10 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     import jax.numpy as jnp
 
     from jaxalign.train.state import TrainState, state_shardings
-    from jaxalign.train.steps import StepConfig, make_train_step
+    from jaxalign.train.steps import make_train_step
 
-    section = {"sft": cfg.sft, "reward": cfg.reward, "preference": cfg.policy}[kind]
-    name = {"sft": "sft", "reward": "reward", "preference": "policy"}[kind]
+    section = getattr(cfg, kind)  # sft | reward | policy
+    name = kind
     _check_batch(name, section, mesh)
     params = abstract_params(mcfg, mesh, reward=kind == "reward")
     optimizer, schedule = _optimizer(section, what_if.mu_dtype)
@@ -290,20 +287,14 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     batch = abstract_batch("sft" if kind == "sft" else "pairs", section.batch_size, T, mesh,
                            pack=kind == "sft" and cfg.sft.pack)
     ref, detail = None, ""
-    if kind == "sft":
-        step_cfg = StepConfig("sft", accum_steps=section.accum_steps)
-    elif kind == "reward":
-        step_cfg = StepConfig("reward", accum_steps=section.accum_steps, margin=cfg.reward.margin,
-                              center_coef=cfg.reward.center_coef)
+    if kind != "policy":
+        step_cfg = section.step()
     else:
-        from jaxalign.pipeline.phases import policy_objective
-
-        objective, overrides = policy_objective(cfg)
-        mode = "none" if not objective.uses_reference else (
-            "precomputed" if what_if.precomputed_reference or cfg.policy.precompute_reference else "params")
-        step_cfg = StepConfig("preference", accum_steps=section.accum_steps, objective=cfg.policy.objective,
-                              objective_args=tuple(sorted(overrides.items())), reference=mode)
-        if mode == "params":
+        step_cfg = cfg.policy.step()
+        if what_if.precomputed_reference and step_cfg.reference_logps == "in_step":
+            step_cfg = cfg.policy.step(reference_logps="precomputed")
+        mode = step_cfg.reference_logps
+        if mode == "in_step":
             ref = abstract_params(mcfg, mesh)
         if mode == "precomputed":
             from jaxalign.sharding import batch_sharding

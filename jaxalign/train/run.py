@@ -51,7 +51,6 @@ def make_dataset(kind: str, examples: Sequence[dict], s: PhaseSettings, *, pad_i
 
 def train(
     *,
-    kind: str,
     cfg: ModelConfig,
     params: dict[str, jax.Array],
     examples: Sequence[dict],
@@ -76,14 +75,13 @@ def train(
     total = phase_steps(len(examples), settings)
     optimizer, schedule = make_optimizer(optim, total)
     state = create_state(params, optimizer, mesh, donate=True)
-    dataset = make_dataset(kind, examples, settings, pad_id=pad_id, buckets=buckets)
+    dataset = make_dataset(step_cfg.kind, examples, settings, pad_id=pad_id, buckets=buckets)
     example = {k: v for k, v in next(iter(dataset)).items() if k != "row_id"}
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    takes_ref = step_cfg.takes_reference_params
     step_fn = make_train_step(cfg, step_cfg, optimizer, schedule, mesh, state_sharding, example,
-                              ref_params if step_cfg.kind == "preference" and step_cfg.reference == "params" else None)
-    extra: tuple[Any, ...] = ()
-    if step_cfg.kind == "preference" and step_cfg.reference == "params":
-        extra = (ref_params,)
+                              ref_params if takes_ref else None)
+    extra: tuple[Any, ...] = (ref_params,) if takes_ref else ()
     checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=settings.keep_checkpoints,
                                      async_save=settings.async_checkpointing)
     start = checkpointer.latest_step() or 0

@@ -9,7 +9,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.models.decoder import LOGICAL_AXES
+from jaxalign.models.axes import PARAM_AXES
 
 
 class TrainState(NamedTuple):
@@ -19,7 +19,7 @@ class TrainState(NamedTuple):
 
 
 def param_shardings(params: dict[str, Any], mesh) -> dict[str, NamedSharding]:
-    return {k: sharding.named_sharding(LOGICAL_AXES[k], v.shape, mesh) for k, v in params.items()}
+    return {k: sharding.named_sharding(PARAM_AXES[k], v.shape, mesh) for k, v in params.items()}
 
 
 def state_shardings(abstract_state: TrainState, mesh) -> TrainState:

@@ -1,4 +1,4 @@
-"""Jitted, sharded train steps: SFT, reward (Bradley-Terry), and preference (any registered objective).
+"""Jitted, sharded train steps: SFT, reward (Bradley-Terry / AfD discriminator), and policy (any pair objective).
 
 Each step is a pure function ``(state, batch[, ref_params]) -> (state, metrics)`` compiled once with explicit in/out
 shardings over the mesh. Gradient accumulation runs the micro-batches in a ``lax.scan`` inside the step (one optimizer
@@ -17,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.losses import (afd_discriminator_loss, bradley_terry_loss, get_objective, sequence_logprobs,
+from jaxalign.losses import (Objective, afd_discriminator_loss, bradley_terry_loss, sequence_logprobs, sft_loss,
                              token_logprobs)
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import forward
@@ -27,14 +27,19 @@ from jaxalign.train.state import TrainState, param_shardings
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    kind: str  # "sft" | "reward" | "preference"
+    kind: str  # "sft" | "reward" | "policy"
     accum_steps: int = 1
-    objective: str = "dpo"  # preference: a name in jaxalign.losses.OBJECTIVES
-    objective_args: tuple = ()  # preference: (name, value) hyper-parameter overrides
+    objective: Objective | None = None  # policy: the resolved pair objective (hyper-parameters bound in)
+    # policy: how the reference model's log-probs arrive — "in_step" (its frozen params are a step argument),
+    # "precomputed" (``ref_chosen_logps`` / ``ref_rejected_logps`` in the batch) or "none" (reference-free objective)
+    reference_logps: str = "in_step"
     margin: float = 0.0  # reward
     center_coef: float = 0.0  # reward
     reward_loss: str = "bradley_terry"  # reward: bradley_terry on (chosen, rejected) | afd_discriminator (pointwise)
-    reference: str = "params"  # preference: "params" (frozen tree evaluated in-step) | "precomputed" | "none"
+
+    @property
+    def takes_reference_params(self) -> bool:
+        return self.kind == "policy" and self.reference_logps == "in_step"
 
 
 # ---- losses on a batch ------------------------------------------------------------------------------------------
@@ -51,15 +56,19 @@ def _concat_pairs(batch):
 
 
 def sft_loss_fn(params, cfg, batch, normalizer):
-    """Sum of masked next-token NLL over the micro-batch divided by the whole batch's token count."""
+    """``jaxalign.losses.sft_loss`` on the micro-batch; with accumulation (``normalizer`` = the whole batch's token
+    count) the micro-batch mean is reweighted by its share of the tokens, so the summed micro losses are the token mean
+    of the whole batch."""
     seg = batch["segment_ids"][:, :-1] if "segment_ids" in batch else None  # packed rows
     pos = batch["positions"][:, :-1] if "positions" in batch else None
     logits = forward(params, cfg, batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1],
                      segment_ids=seg, positions=pos)
-    tok = token_logprobs(logits, batch["input_ids"][:, 1:])
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    nll = -jnp.sum(tok * mask)
-    return nll / normalizer, {"loss": nll / normalizer}
+    loss, metrics = sft_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
+    if normalizer is not None:
+        share = metrics["num_tokens"] / normalizer
+        loss = loss * share
+        metrics = {**metrics, "mean_token_accuracy": metrics["mean_token_accuracy"] * share}
+    return loss, {"loss": loss, **metrics}
 
 
 def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
@@ -77,19 +86,19 @@ def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
     return loss, {"loss": loss, **metrics}
 
 
-def preference_loss_fn(params, cfg, batch, step_cfg: StepConfig, ref_params=None):
-    loss_fn, objective = get_objective(step_cfg.objective, **dict(step_cfg.objective_args))
+def policy_loss_fn(params, cfg, batch, step_cfg: StepConfig, ref_params=None):
+    objective = step_cfg.objective
     ids, attn, mask = _concat_pairs(batch)
     b = batch["chosen_input_ids"].shape[0]
     logps = _seq_logps(params, cfg, ids, attn, mask, objective.reduce)
-    if not objective.uses_reference or step_cfg.reference == "none":
+    if step_cfg.reference_logps == "none":
         ref_c = ref_r = jnp.zeros((b,), jnp.float32)
-    elif step_cfg.reference == "precomputed":
+    elif step_cfg.reference_logps == "precomputed":
         ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref = jax.lax.stop_gradient(_seq_logps(ref_params, cfg, ids, attn, mask, objective.reduce))
         ref_c, ref_r = ref[:b], ref[b:]
-    loss, metrics = loss_fn(logps[:b], logps[b:], ref_c, ref_r)
+    loss, metrics = objective.fn(logps[:b], logps[b:], ref_c, ref_r, **objective.defaults)
     return loss, {"loss": loss, **metrics}
 
 
@@ -106,10 +115,11 @@ def _split_micro(batch, k, mesh):
     return jax.tree.map(split, batch)
 
 
-def _token_count(batch, kind):
-    if kind == "sft":
+def _token_count(batch, kind, accum_steps):
+    """SFT with accumulation: the whole batch's token count (each micro-batch's mean is weighted by its tokens)."""
+    if kind == "sft" and accum_steps > 1:
         return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
-    return jnp.asarray(1.0, jnp.float32)
+    return None
 
 
 def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.GradientTransformation,
@@ -124,15 +134,15 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gra
             return sft_loss_fn(params, cfg, micro, normalizer)
         if kind == "reward":
             return reward_loss_fn(params, cfg, micro, step_cfg)
-        if kind == "preference":
-            return preference_loss_fn(params, cfg, micro, step_cfg, ref_params)
-        raise ValueError(f"step kind {kind!r}; choose sft, reward or preference")
+        if kind == "policy":
+            return policy_loss_fn(params, cfg, micro, step_cfg, ref_params)
+        raise ValueError(f"step kind {kind!r}; choose sft, reward or policy")
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
 
     def step(state: TrainState, batch, ref_params=None):
         with sharding.activate(mesh):
-            normalizer = _token_count(batch, kind)
+            normalizer = _token_count(batch, kind, k)
             if k == 1:
                 (loss, metrics), grads = grad_fn(state.params, batch, normalizer, ref_params)
             else:

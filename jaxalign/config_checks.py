@@ -1,0 +1,182 @@
+"""Checks of a config's values and of their combination, run when a recipe is loaded — before anything is read,
+loaded or compiled — so a run that cannot work fails in a second with every problem named, not after hours.
+
+(Kept apart from the schema in :mod:`jaxalign.config` so each file reads in one sitting.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from jaxalign.data.formats import FORMATS
+from jaxalign.losses import OBJECTIVES, PAIR_RULES
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot work; the message names it and the valid choices."""
+
+
+# a round's phases per method (run.phases overrides the order); dil / dpo / afd run one round
+DEFAULT_ROUND = {
+    "irl": "sample,reward,policy,eval",
+    "spin": "sample,policy,eval",
+    "dil": "policy,eval",
+    "dpo": "policy,eval",
+    "afd": "sample,reward,eval",
+    "sft": "",
+}
+METHODS = tuple(DEFAULT_ROUND)
+ROUND_PHASES = ("sample", "reward", "policy", "eval")
+
+
+# ---- checking values and their combination ------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {
+    "run.method": METHODS,
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat": ("none", "full", "dots"),
+    "data.gold_metric": ("", "demo"),
+    "policy.reduce": ("", "sum", "mean"),
+    "policy.reference": ("sft", "previous"),
+    "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset"),
+    "optimizer": ("adamw", "rmsprop", "sgd"),  # sft / reward / policy
+    "schedule": ("cosine", "linear", "constant"),
+}
+
+
+def validate(cfg, where: str = "config") -> None:
+    """Check every value and the combinations that would otherwise fail mid-run (after hours of compute), before
+    anything is loaded or compiled; raises ConfigError naming the key, the value and what is allowed. The phase order
+    is checked here too; paths, datasets and the mesh when the run is prepared."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value!r}: {what}")
+
+    def choice(key: str, value: Any, allowed) -> None:
+        need(value in allowed, key, value, f"choose one of {', '.join(repr(a) for a in allowed)}")
+
+    def number(key: str, value: float, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            need(False, key, value, "must be a finite number")
+        elif low is not None and (value <= low if low_open else value < low):
+            need(False, key, value, f"must be {'>' if low_open else '>='} {low}")
+        elif high is not None and value > high:
+            need(False, key, value, f"must be <= {high}")
+
+    for key, allowed in CHOICES.items():
+        if "." in key:
+            section, name = key.split(".")
+            choice(key, getattr(getattr(cfg, section), name), allowed)
+    need(bool(cfg.run.name.strip()), "run.name", cfg.run.name, "must not be empty (it names the work directory)")
+    number("run.rounds", cfg.run.rounds, low=1)
+    number("run.seed", cfg.run.seed, low=0, high=2**31 - 1)
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    for name, size in zip(("data", "fsdp", "tensor"), sizes):
+        need(size == -1 or size >= 1, f"mesh.{name}", size, "must be >= 1, or -1 for all remaining devices")
+    need(sizes.count(-1) <= 1, "mesh", dict(zip(("data", "fsdp", "tensor"), sizes)), "at most one axis may be -1")
+    d = cfg.data
+    number("data.max_length", d.max_length, low=2)
+    need(1 <= d.max_prompt_length < max(d.max_length, 2), "data.max_prompt_length", d.max_prompt_length,
+         f"must be >= 1 and leave room for a response within data.max_length={d.max_length}")
+    for name in ("train", "eval_prompts", "eval_prefs"):
+        ds = getattr(d, name)
+        choice(f"data.{name}.format", ds.format, ("auto",) + tuple(FORMATS))
+        number(f"data.{name}.limit", ds.limit, low=0)
+        need(bool(ds.split.strip()), f"data.{name}.split", ds.split, "must name a split, e.g. train")
+    for section in ("sft", "reward", "policy"):
+        t = getattr(cfg, section)
+        choice(f"{section}.optimizer", t.optimizer, CHOICES["optimizer"])
+        choice(f"{section}.schedule", t.schedule, CHOICES["schedule"])
+        number(f"{section}.learning_rate", t.learning_rate, low=0.0, low_open=True)
+        number(f"{section}.warmup_ratio", t.warmup_ratio, low=0.0, high=1.0)
+        number(f"{section}.weight_decay", t.weight_decay, low=0.0)
+        number(f"{section}.max_grad_norm", t.max_grad_norm, low=0.0)
+        number(f"{section}.batch_size", t.batch_size, low=1)
+        number(f"{section}.accum_steps", t.accum_steps, low=1)
+        if t.batch_size >= 1 and t.accum_steps >= 1:
+            need(t.batch_size % t.accum_steps == 0, f"{section}.batch_size", t.batch_size,
+                 f"must be a multiple of {section}.accum_steps={t.accum_steps} (batch_size is the whole batch of "
+                 f"an optimizer step, split into accum_steps micro-batches)")
+        number(f"{section}.epochs", t.epochs, low=1)
+        number(f"{section}.max_steps", t.max_steps, low=0)
+        number(f"{section}.save_every", t.save_every, low=1)
+    number("reward.margin", cfg.reward.margin)
+    number("reward.center_coef", cfg.reward.center_coef, low=0.0)
+    choice("reward.loss", cfg.reward.loss, ("bradley_terry", "afd_discriminator"))
+    p = cfg.policy
+    need(p.beta == -1 or (math.isfinite(p.beta) and p.beta > 0), "policy.beta", p.beta,
+         "must be > 0, or -1 for the objective's default")
+    number("policy.num_samples", p.num_samples, low=1)
+    if cfg.run.method == "irl" and p.pairs == "best_of_n":
+        need(p.num_samples >= 2, "policy.num_samples", p.num_samples,
+             "best-of-N pairs need at least 2 samples per prompt")
+    choice("policy.pair_rule", p.pair_rule, tuple(PAIR_RULES))
+    if p.objective not in OBJECTIVES:
+        choice("policy.objective", p.objective, tuple(sorted(OBJECTIVES)))
+    elif p.reduce in ("", "sum", "mean"):
+        try:
+            p.build_objective()
+        except ValueError as e:
+            problems.append(f"policy.objective={p.objective!r}: {e}")
+    s = cfg.sample
+    number("sample.max_new_tokens", s.max_new_tokens, low=1)
+    number("sample.temperature", s.temperature, low=0.0)
+    number("sample.top_p", s.top_p, low=0.0, high=1.0, low_open=True)
+    number("sample.top_k", s.top_k, low=0)
+    number("sample.batch_size", s.batch_size, low=0)
+    number("sample.limit", s.limit, low=0)
+    need(s.negative_temperature == -1 or (math.isfinite(s.negative_temperature) and s.negative_temperature >= 0),
+         "sample.negative_temperature", s.negative_temperature, "must be >= 0, or -1 to reuse the policy samples")
+    e = cfg.eval
+    number("eval.num_prompts", e.num_prompts, low=1)
+    number("eval.max_new_tokens", e.max_new_tokens, low=1)
+    number("eval.temperature", e.temperature, low=0.0)
+    number("eval.table_rows", e.table_rows, low=0)
+    number("eval.best_of_n", e.best_of_n, low=0)
+    number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
+    if not problems:
+        _check_round(cfg, problems)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def _check_round(cfg, problems: list[str]) -> None:
+    """The method, its pairs and the round's phase order fit together (first problem only: it names the fix)."""
+    method, pairs = cfg.run.method, cfg.policy.pairs
+    order = cfg.run.round_phases()
+    text = ",".join(order)
+
+    def fail(msg: str) -> None:
+        problems.append(msg)
+
+    # method / pairs mismatches first: their message names the fix better than the phase-order checks below
+    if method in ("dil", "dpo") and pairs != "dataset":
+        return fail(f"run.method={method} trains on given preference pairs: set policy.pairs=dataset (or use "
+                    f"run.method=irl / spin for sampled pairs)")
+    if method == "spin" and pairs == "best_of_n":
+        return fail("run.method=spin pairs the demonstration with the previous iterate's sample: set "
+                    "policy.pairs=demo_vs_sample (SPIN has no reward model)")
+    for kind in order:
+        if kind not in ROUND_PHASES:
+            return fail(f"run.phases: {kind!r} is not a round phase; use {', '.join(ROUND_PHASES)}")
+    if len(set(order)) != len(order):
+        return fail(f"run.phases={text}: each phase may appear once per round (they share the round's directory "
+                    f"names)")
+    if "policy" in order:
+        before = order[: order.index("policy")]
+        if pairs in ("best_of_n", "demo_vs_sample") and "sample" not in before:
+            return fail(f"run.phases={text}: the policy phase uses sampled responses (policy.pairs={pairs}) but no "
+                        f"sample phase comes before it in the round")
+        if pairs == "best_of_n" and "reward" not in before:
+            return fail(f"run.phases={text}: policy before any reward model in the round — policy.pairs=best_of_n "
+                        f"scores samples with this round's reward model, so 'reward' must come before 'policy' "
+                        f"(IRL: sample,reward,policy,eval)")
+    if "reward" in order and "sample" not in order[: order.index("reward")]:
+        return fail(f"run.phases={text}: the reward phase trains on (demonstration, own sample) pairs, so 'sample' "
+                    f"must come before 'reward'")
+    return None

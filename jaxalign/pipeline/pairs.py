@@ -1,0 +1,77 @@
+"""The (chosen, rejected) pairs the reward and policy phases train on, built from the sample phase's responses.
+
+- reward (IRL): the demonstration is chosen, the policy's own sample rejected (all rounds' pairs with
+  ``reward.accumulate_pairs``); reward (AfD Init-SFT): the SFT model's sample positive, the initial model's negative;
+- policy, ``policy.pairs``: ``dataset`` — the given preference pairs; ``demo_vs_sample`` — SPIN's demonstration vs own
+  sample; ``best_of_n`` — the N samples scored by this round's reward model, one pair per prompt by
+  ``policy.pair_rule`` (max-min: best vs worst; prompts whose pick is a single sample are dropped).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.data.tokenize import EncodedRecord, EncodedSequence, pair_example
+from jaxalign.losses import PAIR_RULES
+from jaxalign.pipeline.context import RunContext
+from jaxalign.pipeline.modelio import load_reward
+from jaxalign.pipeline.phases import Phase
+from jaxalign.pipeline.sample import read_samples
+from jaxalign.pipeline.scoring import score_sequences
+
+
+def make_pair(enc: EncodedRecord, chosen: EncodedSequence, rejected: EncodedSequence) -> dict:
+    return {"chosen_ids": chosen.ids, "chosen_mask": chosen.mask, "rejected_ids": rejected.ids,
+            "rejected_mask": rejected.mask, "prompt_ids": enc.prompt_ids, "row_id": np.int32(enc.row_id)}
+
+
+def strip_eos(ctx: RunContext, tokens) -> list[int]:
+    """A sampled response without its EOS (``encode_sampled`` appends the template's own end of turn)."""
+    return [t for t in tokens if t != ctx.encoder.eos_id]
+
+
+def encode_response(ctx: RunContext, enc: EncodedRecord, tokens) -> EncodedSequence:
+    return ctx.encoder.encode_sampled(enc.prompt_ids, strip_eos(ctx, tokens))
+
+
+def reward_pairs(ctx: RunContext, round_: int) -> list[dict]:
+    by_row = {e.row_id: e for e in ctx.train}
+    rounds = range(1, round_ + 1) if ctx.cfg.reward.accumulate_pairs else [round_]
+    pairs = []
+    for k in rounds:
+        s = read_samples(ctx, k)
+        for i, row in enumerate(s["row_ids"]):
+            enc = by_row[row]
+            if ctx.cfg.run.method == "afd":
+                pairs.append(make_pair(enc, encode_response(ctx, enc, s["samples"][i][0]),
+                                       encode_response(ctx, enc, s["negatives"][i][0])))
+            else:  # IRL: the demonstration is chosen, the policy's own sample rejected
+                sample = (s["negatives"] if "negatives" in s else s["samples"])[i][0]
+                pairs.append(make_pair(enc, enc.chosen, encode_response(ctx, enc, sample)))
+    return pairs
+
+
+def policy_pairs(ctx: RunContext, phase: Phase) -> list[dict]:
+    pairs = ctx.cfg.policy.pairs
+    if pairs == "dataset":
+        return [pair_example(e) for e in ctx.train if e.rejected is not None]
+    by_row = {e.row_id: e for e in ctx.train}
+    s = read_samples(ctx, phase.round)
+    if pairs == "demo_vs_sample":
+        return [make_pair(by_row[row], by_row[row].chosen, encode_response(ctx, by_row[row], s["samples"][i][0]))
+                for i, row in enumerate(s["row_ids"])]
+    return best_of_n_pairs(ctx, phase, s, by_row)
+
+
+def best_of_n_pairs(ctx: RunContext, phase: Phase, s: dict, by_row: dict[int, EncodedRecord]) -> list[dict]:
+    """Score the N samples of each prompt with this round's reward model; pick a pair by ``policy.pair_rule``."""
+    rm = load_reward(ctx, ctx.workdir.reward_model(phase.round))
+    n = s["num_samples"]
+    seqs = [encode_response(ctx, by_row[row], sample)
+            for i, row in enumerate(s["row_ids"]) for sample in s["samples"][i]]
+    scores = score_sequences(ctx, rm, [q.ids for q in seqs]).reshape(len(s["row_ids"]), n)
+    key = jax.random.PRNGKey(ctx.cfg.run.seed + phase.round)
+    ci, ri = (np.asarray(x) for x in PAIR_RULES[ctx.cfg.policy.pair_rule](jnp.asarray(scores), key))
+    return [make_pair(by_row[row], seqs[i * n + ci[i]], seqs[i * n + ri[i]])
+            for i, row in enumerate(s["row_ids"]) if ci[i] != ri[i]]

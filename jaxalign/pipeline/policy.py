@@ -1,0 +1,36 @@
+"""The policy phase: the policy improves on (chosen, rejected) pairs with the recipe's pair objective (DPO family,
+DIL, SimPO), regularised towards a frozen reference.
+
+The reference (``policy.reference``) is the SFT model, or the previous round's policy (SPIN). Its log-probs reach the
+step one of three ways (``Policy.reference_logps``): its frozen weights evaluated in every step, precomputed once
+before the phase (``policy.precompute_reference``; the weights then leave the devices before training starts), or not
+at all for a reference-free objective.
+"""
+from __future__ import annotations
+
+from jaxalign.pipeline.context import RunContext
+from jaxalign.pipeline.modelio import load_policy, save_model
+from jaxalign.pipeline.pairs import policy_pairs
+from jaxalign.pipeline.phases import Phase
+from jaxalign.pipeline.training import final_metrics, train_phase
+from jaxalign.train.reference import precompute_reference_logps
+
+
+def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
+    cfg = ctx.cfg
+    pairs = policy_pairs(ctx, phase)
+    start = ctx.workdir.policy_model(phase.round - 1)
+    params = load_policy(ctx, start)
+    step = cfg.policy.step()
+    ref_params = None
+    if step.reference_logps != "none":
+        ref_params = load_policy(ctx, start if cfg.policy.reference == "previous" else ctx.workdir.sft_model())
+    if step.reference_logps == "precomputed":
+        pairs = precompute_reference_logps(ref_params, ctx.model_cfg, pairs, reduce=step.objective.reduce,
+                                           mesh=ctx.mesh, batch_size=cfg.policy.batch_size // cfg.policy.accum_steps,
+                                           pad_id=ctx.encoder.pad_id, buckets=ctx.buckets,
+                                           cache_dir=ctx.workdir.phase(phase) / "reference")
+        ref_params = None
+    params = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params)
+    save_model(ctx, params, phase)
+    return {**final_metrics(ctx, phase), "pairs": len(pairs)}

@@ -1,0 +1,40 @@
+"""Reward-model scores of token sequences (prompt + response), for pair selection and evaluation.
+
+Scores are the RM's raw outputs. The IRL authors normalise them by the RM's mean / std on the training
+demonstrations before a policy optimises them; the pipeline's consumers today only compare scores of one RM (best-of-N
+pair selection, win rates, held-out accuracy), which an affine normalisation with a positive scale does not change, so
+none is applied.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxalign import sharding
+from jaxalign.data.loader import bucket_for
+from jaxalign.pipeline.context import RunContext
+from jaxalign.train.steps import make_eval_rewards
+
+
+def score_sequences(ctx: RunContext, rm_params: dict[str, jax.Array], sequences: Sequence[Sequence[int]],
+                    batch: int = 32) -> np.ndarray:
+    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call."""
+    fn = make_eval_rewards(ctx.model_cfg, ctx.mesh)
+    shards = sharding.batch_shards(ctx.mesh)
+    batch = max(shards, (batch // shards) * shards)
+    out = []
+    for i in range(0, len(sequences), batch):
+        chunk = [np.asarray(s, np.int32) for s in sequences[i:i + batch]]
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch - n)
+        longest = max(len(s) for s in chunk)
+        length = bucket_for(longest, ctx.buckets + (longest,))
+        ids = np.full((batch, length), ctx.encoder.pad_id, np.int32)
+        attn = np.zeros((batch, length), np.int32)
+        for j, s in enumerate(chunk):
+            ids[j, :len(s)], attn[j, :len(s)] = s, 1
+        dev = sharding.shard_batch({"ids": ids, "attn": attn}, ctx.mesh)
+        out.append(np.asarray(jax.device_get(fn(rm_params, dev["ids"], dev["attn"])))[:n])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -1,0 +1,43 @@
+"""A training phase's common part: a config section's optimizer and loop settings, resumable training into the
+phase's directory, and the metrics its done.json keeps."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxalign.config import ConfigError, Train
+from jaxalign.metrics import read_metrics
+from jaxalign.pipeline.context import RunContext
+from jaxalign.pipeline.phases import Phase
+from jaxalign.train.run import train
+from jaxalign.train.steps import StepConfig
+
+
+def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig, params: dict[str, jax.Array],
+                examples: Sequence[dict], *, ref_params: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """Train ``params`` (donated) on ``examples`` with ``section``'s settings; resumes from the phase's checkpoints."""
+    if len(examples) < section.batch_size:
+        raise ConfigError(f"phase {phase.name}: {len(examples)} examples do not fill one batch of "
+                          f"{phase.kind}.batch_size={section.batch_size}.")
+    cfg = ctx.cfg
+    settings = section.settings(seed=cfg.run.seed + 1000 * phase.round, reliability=cfg.reliability,
+                                show_progress=cfg.run.show_progress)
+    return train(cfg=ctx.model_cfg, params=params, examples=examples, phase_dir=ctx.workdir.phase(phase),
+                 mesh=ctx.mesh, step_cfg=step, optim=section.optim(), settings=settings, pad_id=ctx.encoder.pad_id,
+                 buckets=ctx.buckets, ref_params=ref_params, counters=ctx.counters, name=phase.name)
+
+
+def final_metrics(ctx: RunContext, phase: Phase) -> dict[str, float]:
+    """The last logged step's loss / accuracy / margin, mean tokens/s over the phase (the first step, which compiles,
+    left out) and the step count."""
+    # latest_only: a resumed phase re-logs the steps after its last checkpoint; count each step once
+    rows = [r for r in read_metrics(ctx.workdir.phase(phase) / "tb", latest_only=True) if r.get("split") == "train"]
+    if not rows:
+        return {}
+    last = rows[-1]
+    out = {k: last[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last}
+    out["tokens_per_second"] = float(np.mean([r["tokens_per_second"] for r in rows[1:] or rows]))
+    out["steps"] = len(rows)
+    return out

@@ -1,0 +1,169 @@
+"""Structure rules for the ``jaxalign`` package, read from the source with ``ast`` (nothing is imported):
+
+- no module imports another module's ``_private`` name (``from jaxalign.x import _y`` or ``jaxalign.x._y``): a name
+  needed elsewhere is public;
+- no import cycle between jaxalign modules (imports inside functions count: a lazy import only hides a cycle);
+- no module much past 400 lines.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "jaxalign"
+MAX_LINES = 420
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _resolve(module: str, name: str | None) -> str | None:
+    """The jaxalign module an import refers to: ``from pkg import sub`` names the submodule when one exists."""
+    if name and f"{module}.{name}" in MODULES:
+        return f"{module}.{name}"
+    return module if module in MODULES else None
+
+
+def _imports(name: str) -> list[tuple[str, str | None, int]]:
+    """(imported module, imported name or None, line) for every jaxalign import in module ``name``."""
+    tree = ast.parse(MODULES[name].read_text())
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base == "jaxalign" or base.startswith("jaxalign."):
+                out += [(base, alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(alias.name, None, node.lineno) for alias in node.names if alias.name.startswith("jaxalign")]
+    return out
+
+
+def _attribute_privates(name: str) -> list[tuple[str, int]]:
+    """``alias._x`` where ``alias`` names a jaxalign module imported into ``name``."""
+    tree = ast.parse(MODULES[name].read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxalign"):
+            for a in node.names:
+                target = _resolve(node.module, a.name)
+                if target is not None and target == f"{node.module}.{a.name}":
+                    aliases[a.asname or a.name] = target
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("jaxalign") and a.asname:
+                    aliases[a.asname] = a.name
+    hits = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            hits.append((f"{aliases[node.value.id]}.{node.attr}", node.lineno))
+    return hits
+
+
+def private_imports() -> list[str]:
+    found = []
+    for name in MODULES:
+        for module, imported, line in _imports(name):
+            if imported and imported.startswith("_") and not imported.startswith("__") and module != name:
+                found.append(f"{name}:{line} imports {module}.{imported}")
+        found += [f"{name}:{line} uses {target}" for target, line in _attribute_privates(name)]
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for name in MODULES:
+        for module, imported, _ in _imports(name):
+            target = _resolve(module, imported)
+            if target and target != name:
+                graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_a_private_name():
+    assert private_imports() == []
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_no_module_past_the_size_limit():
+    long = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+# ---- the checks themselves catch what they are for -------------------------------------------------------------
+
+def test_checks_catch_a_private_import_and_a_cycle(tmp_path, monkeypatch):
+    pkg = tmp_path / "jaxalign"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from jaxalign.b import _hidden\n")
+    (pkg / "b.py").write_text("def f():\n    from jaxalign import a\n    return a\n_hidden = 1\n")
+    (pkg / "sub" / "c.py").write_text("import jaxalign.b as bb\nx = bb._hidden\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", {_module_name(p): p for p in sorted(pkg.rglob("*.py"))})
+    found = private_imports()
+    assert any("jaxalign.a:1 imports jaxalign.b._hidden" in f for f in found)
+    assert any("jaxalign.sub.c:2 uses jaxalign.b._hidden" in f for f in found)
+    assert cycles(import_graph()) == [["jaxalign.a", "jaxalign.b"]]
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"x": {"y"}, "y": {"z"}, "z": set()}, []),
+    ({"x": {"y"}, "y": {"z"}, "z": {"x"}}, [["x", "y", "z"]]),
+])
+def test_cycle_finder(graph, expected):
+    assert cycles(graph) == expected
