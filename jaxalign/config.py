@@ -193,9 +193,12 @@ class Eval:
 
 @dataclasses.dataclass
 class Reliability:
-    skip_nonfinite: bool = False
-    keep_checkpoints: int = 2
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient norm is not finite, else stop
+    keep_checkpoints: int = 2  # orbax checkpoints a running phase keeps
     async_checkpointing: bool = True
+    # a finished phase deletes its training checkpoints (later phases read its exported model): a 7B phase's
+    # checkpoint is ~81 GiB; true keeps them
+    keep_finished_checkpoints: bool = False
 
 
 @dataclasses.dataclass

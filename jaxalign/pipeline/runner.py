@@ -15,6 +15,7 @@ from jaxalign import config as config_lib
 from jaxalign.config import Config, ConfigError
 from jaxalign.pipeline import evaluate, policy, report, reward, sample, sft
 from jaxalign.pipeline.context import RunContext, build_context
+from jaxalign.pipeline.hosts import barrier, check_shared_workdir
 from jaxalign.pipeline.phases import SECTIONS, Phase, plan
 from jaxalign.pipeline.workdir import WorkDir
 
@@ -39,6 +40,7 @@ class Pipeline:
 
     def run(self) -> list[dict[str, Any]]:
         """Run every phase not finished yet; returns the per-round table (also in ``report.md``)."""
+        check_shared_workdir(self.workdir.root)
         ctx = self.ctx = build_context(self.cfg, self.workdir, self.phases, force=self.force)
         self._redo_changed(ctx)
         for phase in self.phases:
@@ -53,7 +55,10 @@ class Pipeline:
                     "fingerprint": fingerprint(ctx.cfg, phase), "seconds": time.time() - t0, "metrics": metrics}
             if jax.process_index() == 0:
                 ctx.workdir.mark_done(phase, info)
+                if not ctx.cfg.reliability.keep_finished_checkpoints:  # after the marker: a crash keeps the phase
+                    (ctx.workdir.phase(phase) / "checkpoints").rmtree(missing_ok=True)
                 report.write_report(ctx)
+            barrier(f"jaxalign: {phase.name} done")  # later phases on every host read what process 0 wrote
         print(report.summary(ctx))
         return report.round_table(ctx)
 
@@ -67,6 +72,8 @@ class Pipeline:
                         f"phase {phase.name} finished with different settings (sections "
                         f"{', '.join(('model', 'data', 'mesh') + SECTIONS[phase.kind])}); re-run with the original "
                         f"config, use another --workdir, or pass --force to redo it and every later phase.")
-                for later in self.phases[i:]:
-                    ctx.workdir.phase(later).rmtree(missing_ok=True)
+                if jax.process_index() == 0:
+                    for later in self.phases[i:]:
+                        ctx.workdir.phase(later).rmtree(missing_ok=True)
+                barrier("jaxalign: changed phases removed")
                 return

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 
+from jaxalign.plan.disk import disk_plan, format_disk
 from jaxalign.plan.phases import (HUB_CONFIGS, MODELS_DIR, PhaseRow, make_mesh, model_config, model_step_flops,
                                   WhatIf, plan_sampler, plan_train, prefill_flops, resolve_model_file)
 from jaxalign.plan.report import FIT_MARGIN, format_plan, judge
@@ -80,4 +81,5 @@ def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn
                 judge(r, cfg, mesh, sl)
     if print_fn is not None:
         print_fn(format_plan(cfg, mcfg, sl, mesh, rows))
+        print_fn(format_disk(cfg, disk_plan(cfg, mcfg)))
     return rows

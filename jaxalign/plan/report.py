@@ -97,7 +97,7 @@ def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
     n = len(sl.devices)
     mesh_txt = " x ".join(f"{a} {mesh.shape[a]}" for a in ("data", "fsdp", "tensor"))
     u = sl.unit
-    head = (f"### {cfg.run.name} on {sl.name}: {n} x {sl.devices[0].device_kind} ({sl.chip.name}"
+    head = (f"### {cfg.run.name} on {sl.name} ({sl.sold_as}): {n} x {sl.devices[0].device_kind} ({sl.chip.name}"
             f"{'' if u == 'chip' else ', one device per TensorCore'}), {_gib(sl.chip.hbm)} GiB HBM usable per {u}, "
             f"peak {sl.peak / 1e12:.1f} TFLOP/s bf16 per {u}\n\n"
             f"model {cfg.model.path} ({mcfg.num_params() / 1e9:.2f} B params; compute {mcfg.dtype}, params "

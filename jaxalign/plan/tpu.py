@@ -51,6 +51,14 @@ class Slice:
         return "chip" if len(self.devices) == math.prod(self.dims) else "core"
 
     @property
+    def sold_as(self) -> str:
+        """The slice's name as Google sells it: v2 / v3 / v4 / v5p slices count TensorCores (2 per chip, so
+        ``v5p:2x2x1`` is a v5p-8 and ``v5p:4x4x4`` a v5p-128), v5e / v6e slices count chips (``v5e:4x4`` is a v5e-16)."""
+        generation = self.name.split(":")[0]
+        cores_per_chip = 2 if generation in ("v2", "v3", "v4", "v5p") else 1
+        return f"{generation}-{math.prod(self.dims) * cores_per_chip}"
+
+    @property
     def clock(self) -> float:
         return self.peak / self.chip.mxu_flops_per_cycle
 
