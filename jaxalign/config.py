@@ -16,7 +16,25 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The recipes: the top-level configs/ of a source checkout (tests, editable installs, launch/tpu_run.py), else the
+    copy an installed wheel carries as the package jaxalign.configs (pyproject.toml maps configs/ there)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    import importlib.util
+
+    try:  # configs/ has no __init__.py: a namespace package, whose folder is its search location
+        spec = importlib.util.find_spec("jaxalign.configs")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return checkout / "configs"  # neither: resolve_config_path's error names this folder
+
+
+CONFIG_DIR = _config_dir()
 METHODS = ("sft", "irl", "dil", "dpo", "spin", "afd")
 
 
