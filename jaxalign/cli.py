@@ -138,16 +138,15 @@ def _stop_on_sigterm():
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list_configs:
+        print(list_configs())
+        return 0
 
     from jaxalign import config as config_lib
     from jaxalign.config import ConfigError
     from jaxalign.data.report import DataError
     from jaxalign.distributed import DistributedError
     from jaxalign.models.config import ModelConfigError
-
-    if args.list_configs:
-        print(list_configs())
-        return 0
     try:
         cfg = config_lib.load(args.config, args.overrides)
         if args.workdir:
