@@ -21,7 +21,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 75
 
 
-# ---- the config keys for --help, read from the schema (jaxalign/config.py) ---------------------------------------------
+# ---- the config keys for --help, read from the schema (jaxalign/config.py) -------------------------------------------
 
 def field_comments(cls) -> dict[str, str]:
     """Each dataclass field's meaning as its source writes it: the trailing ``# comment`` on the field's line, else
@@ -118,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-# ---- running ----------------------------------------------------------------------------------------------------------
+# ---- running ---------------------------------------------------------------------------------------------------------
 
 def _stop_on_sigterm():
     """SIGTERM anywhere outside a training loop (loading, sampling, evaluating, writing the report) stops the run like

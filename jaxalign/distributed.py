@@ -1,4 +1,4 @@
-"""Starting one process of several: ``jax.distributed`` for multi-host TPU slices, GPU / CPU clusters and plain machines.
+"""Starting one process of several: ``jax.distributed`` on multi-host TPU slices, GPU / CPU clusters, plain machines.
 
 ``initialize(mode)`` runs before anything touches a device:
 
@@ -46,7 +46,7 @@ def _jax_cluster_types() -> list:
     """JAX's own multi-host detectors, in the order ``jax.distributed.initialize()`` tries them.
 
     They are public only through ``jax.distributed.initialize()``, which cannot answer "one host: do nothing" (on a
-    single-host TPU VM it starts a one-process service; elsewhere it raises) — hence ``jax._src`` here and nowhere else.
+    single-host TPU VM it starts a one-process service; elsewhere it raises): hence ``jax._src``, here and only here.
     A JAX release that moves them leaves ``auto`` with the JAX_* variables only (an empty list, never an error)."""
     try:
         from jax._src import clusters
@@ -73,7 +73,8 @@ def metadata_answers(key: str = "agent-worker-number", timeout: float = PROBE_TI
 
 
 def _present(env) -> bool:
-    if getattr(env, "name", "") == "gcetpu" and not metadata_answers():
+    # `import jax` sets TPU_SKIP_MDS_QUERY on a host without TPU chips, and JAX's detector then says no: no probe
+    if getattr(env, "name", "") == "gcetpu" and ("TPU_SKIP_MDS_QUERY" in os.environ or not metadata_answers()):
         return False
     try:
         with warnings.catch_warnings():

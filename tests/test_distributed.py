@@ -20,6 +20,8 @@ from jaxalign import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_PREFIXES = ("JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")
+# the metadata of worker 0 of a two-host TPU slice (worker-network-endpoints in its name:id:ip form)
+TWO_WORKERS = {"agent-worker-number": "0", "tpu-env": "", "worker-network-endpoints": "a:0:1.1.1.1,b:1:2.2.2.2"}
 
 
 @pytest.fixture
@@ -48,8 +50,10 @@ def tpu_vm(monkeypatch):
 class _Metadata(http.server.BaseHTTPRequestHandler):
     attributes: dict[str, str] = {}
     google = True
+    requests: list[str] = []
 
     def do_GET(self):
+        self.requests.append(self.path)
         key = self.path.rsplit("/", 1)[-1]
         ok = self.path.startswith("/computeMetadata/v1/instance/attributes/") and key in self.attributes and \
             self.headers.get("Metadata-Flavor") == "Google"
@@ -68,7 +72,7 @@ class _Metadata(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def metadata(monkeypatch):
     """A local stand-in for the GCE metadata server; set ``.attributes`` (and ``.google``) on the returned class."""
-    handler = type("Handler", (_Metadata,), {"attributes": {}, "google": True})
+    handler = type("Handler", (_Metadata,), {"attributes": {}, "google": True, "requests": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -85,7 +89,7 @@ def _jax_resolves(method: str):
     return clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, method, 10)[:3]
 
 
-# ---- one host: nothing ------------------------------------------------------------------------------------------------
+# ---- one host: nothing -----------------------------------------------------------------------------------------------
 
 def test_one_plain_host_starts_nothing_and_decides_fast(calls):
     t0 = time.perf_counter()
@@ -119,13 +123,14 @@ def test_an_initialized_process_is_left_alone(calls, monkeypatch):
     assert distributed.initialize("on") is None and calls == []
 
 
-# ---- TPU VMs ----------------------------------------------------------------------------------------------------------
+# ---- TPU VMs ---------------------------------------------------------------------------------------------------------
 
 def test_gcloud_tpu_pod_found_through_the_metadata_server(calls, tpu_vm, metadata):
     metadata.attributes = {"agent-worker-number": "1", "tpu-env": "ACCELERATOR_TYPE: 'v5litepod-16'\n",
                            "worker-network-endpoints": "w0:0:127.0.0.1,w1:1:127.0.0.2,w2:2:127.0.0.3,w3:3:127.0.0.4"}
     cluster = distributed.initialize("auto")
     assert cluster == distributed.Cluster("GceTpuCluster", 4, "gcetpu")
+    assert metadata.requests[0] == "/computeMetadata/v1/instance/attributes/agent-worker-number"
     assert calls == [{"cluster_detection_method": "gcetpu"}]
     # given that name, JAX reads the same pod: coordinator = worker 0, 4 processes, this one is worker 1
     assert _jax_resolves("gcetpu") == ("127.0.0.1:8482", 4, 1)
@@ -137,7 +142,7 @@ def test_single_host_tpu_vm_does_not_initialise(calls, tpu_vm, metadata):
 
 
 def test_a_metadata_server_that_is_not_googles_is_ignored(calls, tpu_vm, metadata):
-    metadata.attributes = {"agent-worker-number": "0", "tpu-env": "", "worker-network-endpoints": "a:0:1.1.1.1,b:1:2.2.2.2"}
+    metadata.attributes = TWO_WORKERS
     metadata.google = False
     assert distributed.metadata_answers() is False
     assert distributed.initialize("auto") is None and calls == []
@@ -146,8 +151,15 @@ def test_a_metadata_server_that_is_not_googles_is_ignored(calls, tpu_vm, metadat
 def test_metadata_alone_without_tpu_chips_is_not_a_tpu_pod(calls, metadata):
     """A GCE VM without TPUs answers the metadata server too (here even with pod attributes): JAX's own check that
     this host has TPU chips comes first."""
-    metadata.attributes = {"agent-worker-number": "0", "tpu-env": "", "worker-network-endpoints": "a:0:1.1.1.1,b:1:2.2.2.2"}
+    metadata.attributes = TWO_WORKERS
     assert distributed.initialize("auto") is None and calls == []
+
+
+def test_a_host_jax_found_without_tpu_chips_never_asks_the_metadata_server(calls, tpu_vm, metadata, monkeypatch):
+    metadata.attributes = TWO_WORKERS
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")  # what `import jax` sets where it counts no TPU chips
+    assert distributed.initialize("auto") is None and calls == []
+    assert metadata.requests == []
 
 
 @pytest.mark.parametrize("slices, slice_id", [(1, 0), (2, 1)])
@@ -173,7 +185,7 @@ def test_gke_single_host_does_not_initialise(calls, tpu_vm, monkeypatch):
     assert distributed.initialize("auto") is None and calls == []
 
 
-# ---- GPU / CPU clusters -----------------------------------------------------------------------------------------------
+# ---- GPU / CPU clusters ----------------------------------------------------------------------------------------------
 
 def _slurm(monkeypatch, ntasks: int, procid: int):
     for k, v in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[007-008]", "SLURM_NTASKS": str(ntasks),
