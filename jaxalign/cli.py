@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.config import ConfigError
     from jaxalign.data.report import DataError
     from jaxalign.distributed import DistributedError
+    from jaxalign.metrics import TrackerError
     from jaxalign.models.config import ModelConfigError
     try:
         cfg = config_lib.load(args.config, args.overrides)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 import signal
 
                 signal.signal(signal.SIGTERM, previous)
-    except (ConfigError, DataError, ModelConfigError, DistributedError) as e:
+    except (ConfigError, DataError, ModelConfigError, DistributedError, TrackerError) as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

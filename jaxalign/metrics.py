@@ -25,14 +25,17 @@ class TrackerError(ValueError):
     """A tracker that cannot be used (unknown name, package not installed); the message says what to do."""
 
 
-def check_trackers(trackers: Sequence[str]) -> tuple[str, ...]:
-    """The trackers as a tuple, after checking each name and that wandb imports where it is asked for: call it before
-    the run starts so a missing package stops the run at once, not at its first training phase."""
-    trackers = tuple(trackers)
+def check_trackers(trackers: str | Sequence[str]) -> tuple[str, ...]:
+    """The trackers as a tuple (from names, or one comma-separated string as a config value holds them), after
+    checking each name and that wandb imports where it is asked for: call it before the run starts so a missing
+    package stops the run at once, not at its first training phase."""
+    if isinstance(trackers, str):
+        trackers = trackers.split(",")
+    trackers = tuple(t.strip() for t in trackers if t.strip())
     unknown = [t for t in trackers if t not in TRACKERS]
     if unknown:
         raise TrackerError(f"run.trackers: unknown tracker(s) {', '.join(map(repr, unknown))}; choose from "
-                           f"{', '.join(TRACKERS)} (e.g. run.trackers=[tensorboard,wandb]).")
+                           f"{', '.join(TRACKERS)} (e.g. run.trackers=tensorboard,wandb).")
     if "wandb" in trackers:
         _import_wandb()
     return trackers
@@ -84,9 +87,9 @@ class _Wandb:
 
 class MetricsWriter:
     def __init__(self, logdir: str | Path, *, total_steps: int, desc: str, show_progress: bool = True,
-                 initial_step: int = 0, trackers: Sequence[str] = ("tensorboard",), logging_steps: int = 1,
+                 initial_step: int = 0, trackers: str | Sequence[str] = ("tensorboard",), logging_steps: int = 1,
                  run_name: str = "", wandb_project: str = "", config: dict[str, Any] | None = None):
-        """``trackers``: any of TRACKERS; ``logging_steps``: the trackers get every N-th train step and the last;
+        """``trackers``: any of TRACKERS (names or "tensorboard,wandb"); ``logging_steps``: the trackers get every N-th train step and the last;
         ``run_name`` / ``wandb_project`` / ``config``: the wandb run's group and name prefix, project and config."""
         if logging_steps < 1:
             raise TrackerError(f"logging_steps={logging_steps}: must be >= 1.")

@@ -155,7 +155,18 @@ def test_missing_wandb_is_a_clear_error_before_anything_is_written(tmp_path, mon
     assert not (tmp_path / "tb").exists()
     with pytest.raises(TrackerError, match="jaxalign\\[wandb\\]"):
         check_trackers(["wandb"])
-    assert check_trackers(["tensorboard"]) == ("tensorboard",)
+    assert check_trackers(["tensorboard"]) == check_trackers("tensorboard") == ("tensorboard",)
+
+
+def test_trackers_as_a_config_string(tmp_path):
+    """A config value spells them "tensorboard, wandb"; "" is no tracker at all (metrics.jsonl only)."""
+    pytest.importorskip("wandb")
+    assert check_trackers(" tensorboard, wandb ") == ("tensorboard", "wandb")
+    writer = MetricsWriter(tmp_path, total_steps=1, desc="sft", show_progress=False, trackers="")
+    writer.log(1, {"loss": 1.0})
+    writer.close()
+    assert writer.trackers == [] and not list(tmp_path.glob("events.out.tfevents.*"))
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [1.0]
 
 
 def test_unknown_tracker_and_bad_logging_steps(tmp_path):
