@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,23 @@ from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
 from jaxalign.train.steps import StepConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The recipes: the top-level configs/ of a source checkout (tests, editable installs, launch/tpu_run.py), else the
+    copy an installed wheel carries as the package jaxalign.configs (pyproject.toml maps configs/ there)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    try:  # configs/ has no __init__.py: a namespace package, whose folder is its search location
+        spec = importlib.util.find_spec("jaxalign.configs")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return checkout / "configs"  # neither: resolve_config_path's error names this folder
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclasses.dataclass
@@ -35,6 +52,9 @@ class Run:
     demo_task: bool = False  # build the self-generated demo task (tokenizer, tiny model, data) into the workdir
     phases: str = ""  # a round's phase order, e.g. "sample,reward,policy,eval" (default: the method's)
     show_progress: bool = True
+    trackers: str = "tensorboard"  # comma-separated: tensorboard, wandb ("" = metrics.jsonl only)
+    logging_steps: int = 1  # trackers get every N-th train step and the last; metrics.jsonl gets every step
+    wandb_project: str = ""  # wandb project (default "jaxalign"); run.name groups the run's phases
 
     def round_phases(self) -> list[str]:
         """The phase kinds of one round, in order."""
@@ -104,12 +124,13 @@ class Train:
                            warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                            max_grad_norm=self.max_grad_norm)
 
-    def settings(self, *, seed: int, reliability: "Reliability", show_progress: bool) -> PhaseSettings:
+    def settings(self, *, seed: int, run: Run, reliability: "Reliability") -> PhaseSettings:
         return PhaseSettings(global_batch_size=self.batch_size, num_epochs=self.epochs, max_steps=self.max_steps,
                              seed=seed, save_every=self.save_every, keep_checkpoints=reliability.keep_checkpoints,
                              async_checkpointing=reliability.async_checkpointing,
                              skip_nonfinite=reliability.skip_nonfinite, pack=getattr(self, "pack", False),
-                             show_progress=show_progress)
+                             show_progress=run.show_progress, trackers=run.trackers,
+                             logging_steps=run.logging_steps, run_name=run.name, wandb_project=run.wandb_project)
 
 
 @dataclasses.dataclass

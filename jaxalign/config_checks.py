@@ -10,6 +10,7 @@ from typing import Any
 
 from jaxalign.data.formats import FORMATS
 from jaxalign.losses import OBJECTIVES, PAIR_RULES
+from jaxalign.metrics import TrackerError, check_trackers
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,11 @@ def validate(cfg, where: str = "config") -> None:
     number("eval.table_rows", e.table_rows, low=0)
     number("eval.best_of_n", e.best_of_n, low=0)
     number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
+    number("run.logging_steps", cfg.run.logging_steps, low=1)
+    try:
+        check_trackers(cfg.run.trackers)
+    except TrackerError as e:
+        problems.append(f"run.trackers={cfg.run.trackers!r}: {e}")
     if not problems:
         _check_round(cfg, problems)
     if problems:

@@ -1,31 +1,113 @@
-"""Metrics out: tensorboardX scalars with TRL's names, a JSON-lines log the report plots from, and a progress bar.
+"""Metrics out: tensorboardX and / or Weights & Biases scalars with TRL's names, a JSON-lines log the report plots from,
+and a progress bar.
 
 Tags are ``train/<name>`` and ``eval/<name>`` with TRL's names (``loss``, ``grad_norm``, ``learning_rate``,
 ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` ...) so curves overlay runs made with TRL. Each phase
-writes into its own tensorboard run directory. Only process 0 writes.
+writes into its own tensorboard run directory and, with ``"wandb"`` among the trackers, its own wandb run (grouped by
+the run's name). The trackers get a train step every ``logging_steps`` steps and the last one always; metrics.jsonl
+gets every step. Only process 0 writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+class TrackerError(ValueError):
+    """A tracker that cannot be used (unknown name, package not installed); the message says what to do."""
+
+
+def check_trackers(trackers: str | Sequence[str]) -> tuple[str, ...]:
+    """The trackers as a tuple (from names, or one comma-separated string as a config value holds them), after
+    checking each name and that wandb imports where it is asked for: call it before the run starts so a missing
+    package stops the run at once, not at its first training phase."""
+    if isinstance(trackers, str):
+        trackers = trackers.split(",")
+    trackers = tuple(t.strip() for t in trackers if t.strip())
+    unknown = [t for t in trackers if t not in TRACKERS]
+    if unknown:
+        raise TrackerError(f"run.trackers: unknown tracker(s) {', '.join(map(repr, unknown))}; choose from "
+                           f"{', '.join(TRACKERS)} (e.g. run.trackers=tensorboard,wandb).")
+    if "wandb" in trackers:
+        _import_wandb()
+    return trackers
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise TrackerError(
+            f"run.trackers asks for wandb, but the wandb package cannot be imported ({e}). Install it with "
+            f"`pip install 'jaxalign[wandb]'` (or `pip install wandb`), then `wandb login` or set WANDB_API_KEY "
+            f"(WANDB_MODE=offline writes the runs locally for a later `wandb sync`); or drop wandb from run.trackers "
+            f"to log to tensorboard only.") from None
+    return wandb
+
+
+class _TensorBoard:
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir), flush_secs=10)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, logdir: Path, *, run_name: str, phase: str, project: str, config: dict[str, Any] | None):
+        wandb = _import_wandb()
+        # one id per phase directory: a resumed phase continues its own wandb run instead of starting another
+        run_id = hashlib.sha1(str(logdir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(
+            project=project or "jaxalign", name=f"{run_name}/{phase}" if run_name else phase, group=run_name or None,
+            job_type=phase, id=run_id, resume="allow", config=config, dir=os.environ.get("WANDB_DIR") or str(logdir),
+            # stdout is the run's own log already; wandb's capture would wrap it again for every phase
+            settings=wandb.Settings(console="off"))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class MetricsWriter:
     def __init__(self, logdir: str | Path, *, total_steps: int, desc: str, show_progress: bool = True,
-                 initial_step: int = 0):
+                 initial_step: int = 0, trackers: str | Sequence[str] = ("tensorboard",), logging_steps: int = 1,
+                 run_name: str = "", wandb_project: str = "", config: dict[str, Any] | None = None):
+        """``trackers``: any of TRACKERS (names or "tensorboard,wandb"); ``logging_steps``: the trackers get every N-th train step and the last;
+        ``run_name`` / ``wandb_project`` / ``config``: the wandb run's group and name prefix, project and config."""
+        if logging_steps < 1:
+            raise TrackerError(f"logging_steps={logging_steps}: must be >= 1.")
         self.logdir = Path(logdir)
         self.main = jax.process_index() == 0
-        self.tb = None
+        self.total_steps = total_steps
+        self.logging_steps = logging_steps
+        self.trackers: list = []
         self.bar = None
+        self._pending: tuple[int, dict[str, float]] | None = None  # the last train step the trackers skipped
         if self.main:
-            from tensorboardX import SummaryWriter
-
+            trackers = check_trackers(trackers)
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(self.logdir), flush_secs=10)
+            if "tensorboard" in trackers:
+                self.trackers.append(_TensorBoard(self.logdir))
+            if "wandb" in trackers:
+                self.trackers.append(_Wandb(self.logdir, run_name=run_name, phase=desc, project=wandb_project,
+                                            config=config))
             path = self.logdir / "metrics.jsonl"
             # A process killed mid-write can leave a partial last line: start the resumed run on a fresh line.
             torn = False
@@ -41,12 +123,23 @@ class MetricsWriter:
 
                 self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, leave=True)
 
+    def _emit(self, step: int, values: dict[str, float]) -> None:
+        for tracker in self.trackers:
+            tracker.log(values, step)
+
     def log(self, step: int, metrics: dict[str, Any], *, prefix: str = "train", advance: int = 0) -> None:
         if not self.main:
             return
         flat = {k: float(v) for k, v in metrics.items()}
-        for k, v in flat.items():
-            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        tagged = {f"{prefix}/{k}": v for k, v in flat.items()}
+        if prefix != "train" or step % self.logging_steps == 0 or step >= self.total_steps:
+            if prefix != "train" and self._pending is not None:
+                # wandb drops steps lower than one already logged: the skipped train step goes first
+                self._emit(*self._pending)
+            self._emit(step, tagged)
+            self._pending = None
+        else:
+            self._pending = (step, tagged)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
         self.jsonl.flush()  # one small write per step; a killed run keeps its log up to the last step
         if self.bar is not None:
@@ -58,9 +151,13 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.main:
             return
+        if self._pending is not None:  # a phase that stopped between logging steps (data ran out, preempted)
+            self._emit(*self._pending)
+            self._pending = None
         if self.bar is not None:
             self.bar.close()
-        self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.jsonl.close()
 
 

@@ -22,8 +22,7 @@ def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig,
         raise ConfigError(f"phase {phase.name}: {len(examples)} examples do not fill one batch of "
                           f"{phase.kind}.batch_size={section.batch_size}.")
     cfg = ctx.cfg
-    settings = section.settings(seed=cfg.run.seed + 1000 * phase.round, reliability=cfg.reliability,
-                                show_progress=cfg.run.show_progress)
+    settings = section.settings(seed=cfg.run.seed + 1000 * phase.round, run=cfg.run, reliability=cfg.reliability)
     return train(cfg=ctx.model_cfg, params=params, examples=examples, phase_dir=ctx.workdir.phase(phase),
                  mesh=ctx.mesh, step_cfg=step, optim=section.optim(), settings=settings, pad_id=ctx.encoder.pad_id,
                  buckets=ctx.buckets, ref_params=ref_params, counters=ctx.counters, name=phase.name)

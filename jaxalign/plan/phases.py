@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxalign.config import CONFIG_DIR
 from jaxalign.plan.tpu import PlanError, Slice, hbm_allocated, parse_oom
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+MODELS_DIR = CONFIG_DIR / "models"  # shipped with the recipes (a wheel carries them as jaxalign/configs/models)
 # hub id -> file in configs/models (any other id is tried as <repo name lower-cased>.json)
 HUB_CONFIGS = {
     "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",

@@ -34,6 +34,10 @@ class PhaseSettings:
     skip_nonfinite: bool = False
     pack: bool = False
     show_progress: bool = True
+    trackers: str = "tensorboard"  # jaxalign.metrics.MetricsWriter's trackers
+    logging_steps: int = 1
+    run_name: str = ""
+    wandb_project: str = ""
 
 
 def phase_steps(num_examples: int, s: PhaseSettings) -> int:
@@ -86,7 +90,8 @@ def train(
                                      async_save=settings.async_checkpointing)
     start = checkpointer.latest_step() or 0
     writer = MetricsWriter(phase_dir / "tb", total_steps=total, desc=name, show_progress=settings.show_progress,
-                           initial_step=start)
+                           initial_step=start, trackers=settings.trackers, logging_steps=settings.logging_steps,
+                           run_name=settings.run_name, wandb_project=settings.wandb_project)
     peak = device_peak_flops()
     # the one MFU formula (jaxalign.flops.mfu), as the TPU plan uses it: model FLOPs of the trained tokens / the peak
     # of every device in the mesh
