@@ -288,6 +288,15 @@ def test_interrupted_demo_resumes_to_identical_results(tmp_path_factory):
     assert rc == 0, out[-4000:]
     expected = _snapshot(a)
     assert {"sft", "eval0", "r1_sample", "r1_reward", "r1_policy", "r1_eval"} == set(_done(a))
+    # a finished phase keeps its exported model and drops its training checkpoints (reliability.
+    # keep_finished_checkpoints=false, the default), and a re-run still skips it
+    for name in ("sft", "r1_reward", "r1_policy"):
+        assert (a / "phases" / name / "model" / "config.json").is_file()
+        assert not (a / "phases" / name / "checkpoints").exists(), name
+    rc, out = _finish(_launch("demo_cpu", a, SHRUNK_DEMO, cache))
+    assert rc == 0, out[-4000:]
+    for name in ("sft", "eval0", "r1/sample", "r1/reward", "r1/policy", "r1/eval"):
+        assert f"{name}: finished earlier, skipped" in out
 
     # 1) SIGKILL in the middle of the SFT phase, once its first checkpoint is committed
     proc = _launch("demo_cpu", b, SHRUNK_DEMO, cache)
