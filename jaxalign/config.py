@@ -210,6 +210,10 @@ class Eval:
     temperature: float = 0.0
     table_rows: int = 4
     best_of_n: int = 0  # >0: also answer with the best of N samples (sample.temperature) ranked by the round's RM
+    # held-out metrics while training (TRL's eval_loss, eval_rewards/accuracies, ...): pair phases on data.eval_prefs,
+    # SFT on the demonstrations of data.eval_prompts, every eval_steps steps and at the end (0 = at the end only)
+    eval_steps: int = 0
+    heldout_limit: int = 256  # held-out examples per evaluation (full batches of the phase's batch_size)
 
 
 @dataclasses.dataclass

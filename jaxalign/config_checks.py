@@ -139,6 +139,8 @@ def validate(cfg, where: str = "config") -> None:
     number("eval.temperature", e.temperature, low=0.0)
     number("eval.table_rows", e.table_rows, low=0)
     number("eval.best_of_n", e.best_of_n, low=0)
+    number("eval.eval_steps", e.eval_steps, low=0)
+    number("eval.heldout_limit", e.heldout_limit, low=0)
     number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
     number("run.logging_steps", cfg.run.logging_steps, low=1)
     try:

@@ -124,6 +124,16 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=RULES) -> dic
     return out
 
 
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=RULES) -> dict[str, jax.Array]:
+    """Global arrays sharded over the batch axes from the WHOLE batch, which every process holds (evaluation data
+    built identically on every host); each process keeps only its shards."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim, rules), lambda idx, v=v: v[idx])
+    return out
+
+
 # ---- activation constraints -------------------------------------------------------------------------------------
 # The decoder calls ``constrain(x, ("batch", "length", "embed"))`` on its residual stream; inside ``activate(mesh)``
 # that becomes a sharding constraint, elsewhere (eager use, tests on one device) it is the identity.

@@ -235,6 +235,7 @@ SHRUNK_DEMO = [
     "reward.batch_size=16", "reward.epochs=4", "reward.save_every=3",  # 8 steps
     "policy.batch_size=8", "policy.save_every=1", "policy.max_steps=3",
     "eval.num_prompts=16", "eval.max_new_tokens=8", "data.eval_prefs.limit=32",
+    "policy.objective=dpo", "eval.eval_steps=2",  # a DPO step, held-out metrics at steps 2 and 3
 ]
 TIMING_KEYS = {"tokens_per_second", "sample_tokens_per_second", "mfu", "seconds"}
 
@@ -297,6 +298,20 @@ def test_interrupted_demo_resumes_to_identical_results(tmp_path_factory):
     assert rc == 0, out[-4000:]
     for name in ("sft", "eval0", "r1/sample", "r1/reward", "r1/policy", "r1/eval"):
         assert f"{name}: finished earlier, skipped" in out
+    # held-out metrics while training (eval.eval_steps=2 of 3 DPO steps): TRL's tags in tensorboard, eval_* in
+    # done.json and in the report's phase table
+    from test_trackers import read_tensorboard
+
+    tb = read_tensorboard(a / "phases" / "r1_policy" / "tb")
+    assert {(tag, step) for tag in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+            for step in (2, 3)} <= set(tb)
+    policy = _done(a)["r1_policy"]["metrics"]
+    assert policy["eval_rewards/accuracies"] == pytest.approx(tb[("eval/rewards/accuracies", 3)])
+    assert 0.0 <= policy["eval_rewards/accuracies"] <= 1.0
+    reward_tb = read_tensorboard(a / "phases" / "r1_reward" / "tb")
+    assert {("eval/rewards/accuracies", 8), ("train/accuracy", 8), ("train/margin", 8)} <= set(reward_tb)
+    assert ("eval/loss", 12) in read_tensorboard(a / "phases" / "sft" / "tb")
+    assert "eval_rewards/accuracies" in (a / "report.md").read_text()
 
     # 1) SIGKILL in the middle of the SFT phase, once its first checkpoint is committed
     proc = _launch("demo_cpu", b, SHRUNK_DEMO, cache)

@@ -19,7 +19,7 @@ from jaxalign.config import Config, ConfigError
 from jaxalign.data.loader import length_buckets
 from jaxalign.data.report import DataReport
 from jaxalign.data.sources import load_records
-from jaxalign.data.tokenize import ChatEncoder, EncodedRecord, encode_records
+from jaxalign.data.tokenize import ChatEncoder, EncodedRecord, encode_records, pair_example, sft_example
 from jaxalign.models.config import ModelConfig, load_config
 from jaxalign.models.hf_io import resolve_model_folder
 from jaxalign.pipeline.demo_task import build_demo_assets
@@ -40,6 +40,8 @@ class RunContext:
     eval_records: list[Any]  # data.eval_prompts (default: data.train), the first eval.num_prompts
     eval_prefs: list[Any]  # data.eval_prefs: held-out preference pairs (may be empty)
     buckets: tuple[int, ...]  # padded sequence lengths the train steps compile for
+    heldout_pairs: list[dict]  # eval_prefs as pair examples (reward / policy phases' held-out metrics, RM accuracy)
+    heldout_sft: list[dict]  # eval_records' demonstrations as SFT examples (the SFT phase's held-out loss)
     data_reports: list[DataReport] = dataclasses.field(default_factory=list)
     counters: dict[str, int] = dataclasses.field(default_factory=dict)  # counted skips, reported in the summary
 
@@ -101,6 +103,11 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     reports.append(report)
     if not train:
         raise ConfigError("data.train: every row was dropped when tokenising (see the data report).")
+    limit = cfg.eval.heldout_limit
+    heldout = encode_records(eval_prefs, encoder, "pairs", DataReport(name="eval_prefs")) if eval_prefs else []
+    heldout_pairs = [pair_example(e) for e in heldout if e.rejected is not None][:limit]
+    demos = encode_records(eval_records, encoder, "sft", DataReport(name="eval_prompts"))
+    heldout_sft = [sft_example(e) for e in demos if e.chosen is not None][:limit]
     try:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
@@ -112,7 +119,7 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     return RunContext(cfg=cfg, workdir=workdir, phases=phases, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,
                       encoder=encoder, train=train, eval_records=eval_records, eval_prefs=eval_prefs,
                       buckets=length_buckets(cfg.data.max_length, min_length=min(64, cfg.data.max_length)),
-                      data_reports=reports)
+                      heldout_pairs=heldout_pairs, heldout_sft=heldout_sft, data_reports=reports)
 
 
 def _check_batches(cfg: Config, phases: list[Phase], mesh: Mesh) -> None:

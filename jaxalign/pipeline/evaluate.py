@@ -5,7 +5,8 @@
 - rm_win_rate_vs_sft: the round's reward model scores the policy's answer against the SFT model's answer to the
   same prompt; a win counts 1, a tie 0.5;
 - with ``eval.best_of_n = N``: the policy also answers with the best of N samples (``sample.temperature``) ranked by
-  the round's reward model (AfD's extrapolation step; online-DPO's candidates): ``bon_gold``, ``bon_rm_win_rate_vs_sft``.
+  the round's reward model (AfD's extrapolation step; online-DPO's candidates): ``bon_gold``,
+  ``bon_rm_win_rate_vs_sft``.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
         rm = load_reward(ctx, latest[1])
         if ctx.eval_prefs:
             enc = encode_records(ctx.eval_prefs, ctx.encoder, "pairs", DataReport(name="eval_prefs"))
-            enc = [e for e in enc if e.rejected is not None]
+            enc = [e for e in enc if e.rejected is not None]  # all of them (the training-time metrics see a limit)
             if enc:
                 rc = score_sequences(ctx, rm, [e.chosen.ids for e in enc])
                 rr = score_sequences(ctx, rm, [e.rejected.ids for e in enc])

@@ -1,7 +1,8 @@
 """The (chosen, rejected) pairs the reward and policy phases train on, built from the sample phase's responses.
 
 - reward (IRL): the demonstration is chosen, the policy's own sample rejected (all rounds' pairs with
-  ``reward.accumulate_pairs``); reward (AfD Init-SFT): the SFT model's sample positive, the initial model's negative;
+  ``reward.accumulate_pairs``); reward (AfD Init-SFT): the SFT model's sample positive, the initial model's
+  negative;
 - policy, ``policy.pairs``: ``dataset`` — the given preference pairs; ``demo_vs_sample`` — SPIN's demonstration vs own
   sample; ``best_of_n`` — the N samples scored by this round's reward model, one pair per prompt by
   ``policy.pair_rule`` (max-min: best vs worst; prompts whose pick is a single sample are dropped).

@@ -25,12 +25,14 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     ref_params = None
     if step.reference_logps != "none":
         ref_params = load_policy(ctx, start if cfg.policy.reference == "previous" else ctx.workdir.sft_model())
+    heldout = ctx.heldout_pairs
     if step.reference_logps == "precomputed":
-        pairs = precompute_reference_logps(ref_params, ctx.model_cfg, pairs, reduce=step.objective.reduce,
-                                           mesh=ctx.mesh, batch_size=cfg.policy.batch_size // cfg.policy.accum_steps,
-                                           pad_id=ctx.encoder.pad_id, buckets=ctx.buckets,
-                                           cache_dir=ctx.workdir.phase(phase) / "reference")
+        kw = dict(reduce=step.objective.reduce, mesh=ctx.mesh, pad_id=ctx.encoder.pad_id, buckets=ctx.buckets,
+                  batch_size=cfg.policy.batch_size // cfg.policy.accum_steps,
+                  cache_dir=ctx.workdir.phase(phase) / "reference")
+        pairs = precompute_reference_logps(ref_params, ctx.model_cfg, pairs, **kw)
+        heldout = precompute_reference_logps(ref_params, ctx.model_cfg, heldout, **kw) if heldout else []
         ref_params = None
-    params = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params)
+    params = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params, heldout=heldout)
     save_model(ctx, params, phase)
     return {**final_metrics(ctx, phase), "pairs": len(pairs)}

@@ -14,6 +14,8 @@ from jaxalign.pipeline.context import RunContext
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+PHASE_KEYS = ("steps", "loss", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies", "tokens_per_second",
+              "gold")
 ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold", "bon_rm_win_rate_vs_sft",
               "answer_length")
 
@@ -80,18 +82,25 @@ def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
         made.append("plots/rounds.png")
     curves = []
     for phase in ctx.phases:
-        rows = [r for r in read_metrics(ctx.workdir.phase(phase) / "tb", latest_only=True) if r.get("split") == "train"]
+        logged = read_metrics(ctx.workdir.phase(phase) / "tb", latest_only=True)
+        rows = [r for r in logged if r.get("split") == "train"]
         if rows:
-            curves.append((phase.name, rows))
+            curves.append((phase.name, rows, [r for r in logged if r.get("split") == "eval"]))
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for name, rows in curves:
-            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+        for name, rows, evals in curves:
+            line, = axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
             acc = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
             if acc:
-                axes[1].plot(*zip(*acc), label=name)
-        axes[0].set_title("train/loss")
-        axes[1].set_title("train/rewards/accuracies")
+                axes[1].plot(*zip(*acc), color=line.get_color(), label=name)
+            # held-out evaluations (TRL's eval_loss, eval_rewards/accuracies): markers on the same colour
+            for ax, key in ((axes[0], "loss"), (axes[1], "rewards/accuracies")):
+                points = [(r["step"], r[key]) for r in evals if key in r]
+                if points:
+                    ax.plot(*zip(*points), linestyle="--", marker="o", color=line.get_color(),
+                            label=f"{name} eval_{key}")
+        axes[0].set_title("loss (train; eval dashed)")
+        axes[1].set_title("rewards/accuracies (train; eval dashed)")
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -149,10 +158,8 @@ def write_report(ctx: RunContext) -> epath.Path:
         *[f"![{x}]({x})" for x in plots],
         "## Phases",
         _table([{"phase": x["phase"], "kind": x["kind"], "seconds": x["seconds"],
-                 **{k: v for k, v in x["metrics"].items() if k in ("loss", "rewards/accuracies", "steps",
-                                                                  "tokens_per_second", "gold")}}
-                for x in phases], ["phase", "kind", "seconds", "steps", "loss", "rewards/accuracies",
-                                   "tokens_per_second", "gold"]),
+                 **{k: v for k, v in x["metrics"].items() if k in PHASE_KEYS}}
+                for x in phases], ["phase", "kind", "seconds", *PHASE_KEYS]),
         "## Samples", _samples_table(ctx) or "(no evaluation yet)",
         "## Data and skips", "```\n" + summary(ctx) + "\n```",
         "## Config", "```yaml\n" + config_lib.dump(ctx.cfg) + "```",

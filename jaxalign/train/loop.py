@@ -82,11 +82,14 @@ def run_loop(
     counters: dict[str, int] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_batch: Callable[[int, dict], None] | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    eval_every: int = 0,
 ) -> Any:
     """Train ``state`` for ``total_steps`` steps of ``step_fn`` over ``dataset`` (a grain IterDataset).
 
     ``on_batch(step, host_batch)`` (optional) sees each host batch before it is trained on as step ``step`` (1-based),
-    e.g. to log its ``row_id``s; ``on_step(step)`` runs after the step, before the checkpoint decision.
+    e.g. to log its ``row_id``s; ``on_step(step)`` runs after the step, before the checkpoint decision;
+    ``evaluate(state)`` (optional) gives held-out metrics, logged every ``eval_every`` steps and at the last step.
     """
     counters = counters if counters is not None else {}
     it = iter(dataset)
@@ -138,6 +141,8 @@ def run_loop(
                 seq = next(v.shape[1] for k, v in host_batch.items() if k.endswith("input_ids"))
                 metrics["mfu"] = mfu_fn(tokens / dt, seq)
             writer.log(step, metrics, advance=1)
+            if evaluate is not None and (step == total_steps or (eval_every and step % eval_every == 0)):
+                writer.log(step, evaluate(state), prefix="eval")
             if on_step is not None:
                 on_step(step)
             stop = guard.agreed()

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
 from jaxalign.checkpoint import PhaseCheckpointer
-from jaxalign.data.loader import pair_dataset, sft_dataset, total_batches
+from jaxalign import sharding
+from jaxalign.data.loader import pad_pair_batch, pad_sft_batch, pair_dataset, sft_dataset, total_batches
 from jaxalign.flops import device_peak_flops, mfu
 from jaxalign.metrics import MetricsWriter
 from jaxalign.models.config import ModelConfig
 from jaxalign.train.loop import run_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.state import create_state
-from jaxalign.train.steps import StepConfig, make_train_step
+from jaxalign.train.steps import StepConfig, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,29 @@ def make_dataset(kind: str, examples: Sequence[dict], s: PhaseSettings, *, pad_i
     return pair_dataset(examples, **common)
 
 
+def make_evaluator(cfg: ModelConfig, step_cfg: StepConfig, mesh, examples: Sequence[dict], *, batch_size: int,
+                   pad_id: int, buckets: Sequence[int], ref_params=None) -> Callable[[Any], dict[str, float]] | None:
+    """``evaluate(state) -> metrics``: the step's loss and metrics on held-out ``examples``, the mean over full batches
+    of ``batch_size`` (a remainder smaller than a batch is left out); None when not one batch is there."""
+    n = len(examples) // batch_size * batch_size
+    if not n:
+        return None
+    pad = pad_sft_batch if step_cfg.kind == "sft" else pad_pair_batch
+    batches = [{k: v for k, v in pad(examples[i:i + batch_size], pad_id=pad_id, buckets=buckets).items()
+                if k != "row_id"} for i in range(0, n, batch_size)]
+    fn = make_eval_step(cfg, step_cfg, mesh)
+    extra = (ref_params,) if step_cfg.takes_reference_params else ()
+
+    def evaluate(state) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for host in batches:
+            for k, v in jax.device_get(fn(state.params, sharding.global_batch(host, mesh), *extra)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / len(batches) for k, v in sums.items()}
+
+    return evaluate
+
+
 def train(
     *,
     cfg: ModelConfig,
@@ -70,10 +94,14 @@ def train(
     on_step=None,
     name: str | None = None,
     on_batch=None,
+    eval_examples: Sequence[dict] = (),
+    eval_every: int = 0,
 ) -> dict[str, jax.Array]:
     """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save.
 
-    ``params`` are donated to the train state (device arrays passed in are deleted): pass a copy to keep them."""
+    ``params`` are donated to the train state (device arrays passed in are deleted): pass a copy to keep them.
+    ``eval_examples``: held-out examples evaluated every ``eval_every`` steps (0: only) and at the last step, logged
+    with the ``eval`` prefix (tensorboard ``eval/loss``, ``eval/rewards/accuracies``: TRL's tags)."""
     phase_dir = Path(phase_dir)
     name = name or phase_dir.name
     total = phase_steps(len(examples), settings)
@@ -100,8 +128,11 @@ def train(
         state = run_loop(phase=name, state=state, step_fn=step_fn, dataset=dataset, total_steps=total, mesh=mesh,
                          checkpointer=checkpointer, writer=writer, save_every=settings.save_every,
                          skip_nonfinite=settings.skip_nonfinite, extra_args=extra, mfu_fn=mfu_fn,
-                         counters=counters, on_step=on_step,
-                         on_batch=on_batch)
+                         counters=counters, on_step=on_step, on_batch=on_batch,
+                         evaluate=make_evaluator(cfg, step_cfg, mesh, eval_examples,
+                                                 batch_size=settings.global_batch_size // step_cfg.accum_steps,
+                                                 pad_id=pad_id, buckets=buckets, ref_params=ref_params),
+                         eval_every=eval_every)
     finally:
         writer.close()
         checkpointer.close()

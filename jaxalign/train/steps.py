@@ -81,6 +81,8 @@ def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
     elif step_cfg.reward_loss == "bradley_terry":
         loss, metrics = bradley_terry_loss(rewards[:b], rewards[b:], margin=step_cfg.margin,
                                            center_coef=step_cfg.center_coef)
+        # TRL RewardTrainer's names beside TRL DPOTrainer's
+        metrics.update(accuracy=metrics["rewards/accuracies"], margin=metrics["rewards/margins"])
     else:
         raise ValueError(f"reward_loss={step_cfg.reward_loss!r}; choose bradley_terry or afd_discriminator")
     return loss, {"loss": loss, **metrics}
@@ -182,6 +184,22 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gra
         in_shardings.append(param_shardings(ref_params_example, mesh))
     return jax.jit(step, in_shardings=tuple(in_shardings), out_shardings=(state_sharding, replicated),
                    donate_argnums=(0,))
+
+
+def make_eval_step(cfg: ModelConfig, step_cfg: StepConfig, mesh) -> Callable:
+    """Jitted ``(params, batch[, ref_params]) -> metrics``: the train step's loss and metrics on a held-out batch, no
+    gradient (the metrics TRL logs as ``eval_loss``, ``eval_rewards/accuracies``, ...)."""
+    def fn(params, batch, ref_params=None):
+        with sharding.activate(mesh):
+            if step_cfg.kind == "sft":
+                _, metrics = sft_loss_fn(params, cfg, batch, None)
+            elif step_cfg.kind == "reward":
+                _, metrics = reward_loss_fn(params, cfg, batch, step_cfg)
+            else:
+                _, metrics = policy_loss_fn(params, cfg, batch, step_cfg, ref_params)
+            return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return jax.jit(fn)
 
 
 def make_eval_logps(cfg: ModelConfig, reduce: str, mesh) -> Callable:
