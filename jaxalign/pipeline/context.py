@@ -41,7 +41,7 @@ class RunContext:
     eval_prefs: list[Any]  # data.eval_prefs: held-out preference pairs (may be empty)
     buckets: tuple[int, ...]  # padded sequence lengths the train steps compile for
     heldout_pairs: list[dict]  # eval_prefs as pair examples (reward / policy phases' held-out metrics, RM accuracy)
-    heldout_sft: list[dict]  # eval_records' demonstrations as SFT examples (the SFT phase's held-out loss)
+    heldout_sft: list[dict]  # data.eval_prompts' demonstrations as SFT examples (the SFT phase's held-out loss)
     data_reports: list[DataReport] = dataclasses.field(default_factory=list)
     counters: dict[str, int] = dataclasses.field(default_factory=dict)  # counted skips, reported in the summary
 
@@ -94,8 +94,8 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     train_records = _read(cfg.data.train, "data.train", reports)
     if not train_records:
         raise ConfigError(f"data.train ({cfg.data.train.source}): no usable rows (see the data report).")
-    eval_records = (_read(cfg.data.eval_prompts, "data.eval_prompts", reports)
-                    if cfg.data.eval_prompts.source else train_records)[: cfg.eval.num_prompts]
+    eval_all = _read(cfg.data.eval_prompts, "data.eval_prompts", reports) if cfg.data.eval_prompts.source else []
+    eval_records = (eval_all if cfg.data.eval_prompts.source else train_records)[: cfg.eval.num_prompts]
     eval_prefs = _read(cfg.data.eval_prefs, "data.eval_prefs", reports) if cfg.data.eval_prefs.source else []
     report = DataReport(name="data.train (tokenised)")
     task = "pairs" if cfg.run.method in ("dil", "dpo") else "sft"
@@ -106,7 +106,7 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     limit = cfg.eval.heldout_limit
     heldout = encode_records(eval_prefs, encoder, "pairs", DataReport(name="eval_prefs")) if eval_prefs else []
     heldout_pairs = [pair_example(e) for e in heldout if e.rejected is not None][:limit]
-    demos = encode_records(eval_records, encoder, "sft", DataReport(name="eval_prompts"))
+    demos = encode_records(eval_all[:limit], encoder, "sft", DataReport(name="eval_prompts"))
     heldout_sft = [sft_example(e) for e in demos if e.chosen is not None][:limit]
     try:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
