@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxalign.losses.dil import capped_exp
+from jaxalign.losses.numerics import as_float32
 
 
 def sequence_kl(policy_token_logps, ref_token_logps, mask):
@@ -24,9 +25,7 @@ def sequence_kl(policy_token_logps, ref_token_logps, mask):
     temperature), else k1 / k3 estimate nothing in particular. ``r`` in k3 uses the linearly continued exp of
     `dil.capped_exp` so a token whose ``log r`` exceeds 50 gives a large finite value instead of inf.
     """
-    q = jnp.asarray(policy_token_logps).astype(jnp.float32)
-    p = jnp.asarray(ref_token_logps).astype(jnp.float32)
-    m = jnp.asarray(mask).astype(jnp.float32)
+    q, p, m = as_float32(policy_token_logps, ref_token_logps, mask)
     log_r = p - q
     per_token = {
         "k1": -log_r,
