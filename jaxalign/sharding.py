@@ -107,7 +107,11 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def batch_shards(mesh: Mesh, rules=RULES) -> int:
+def batch_shards(mesh: Mesh | None, rules=RULES) -> int:
+    """How many ways the batch is split: the product of the mesh axes ``batch`` maps to (data x fsdp); 1 without a
+    mesh."""
+    if mesh is None:
+        return 1
     return math.prod(mesh.shape[a] for a in (rules["batch"] or ()) if a in mesh.shape)
 
 
@@ -139,8 +143,26 @@ def activate(mesh: Mesh, rules: Mapping[str, Any] = RULES) -> Iterator[None]:
         _ACTIVE.pop()
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    if not _ACTIVE:
+def constrain(x: jax.Array, logical: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
+    """Constrain ``x`` to the sharding of its logical axes on ``mesh`` (with ``RULES``), or, without one, on the mesh
+    (and rules) ``activate`` made active; the identity when there is neither."""
+    if mesh is not None:
+        rules = RULES
+    elif _ACTIVE:
+        mesh, rules = _ACTIVE[-1]
+    else:
         return x
-    mesh, rules = _ACTIVE[-1]
     return jax.lax.with_sharding_constraint(x, named_sharding(logical, x.shape, mesh, rules))
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The whole of a (possibly sharded) array as one numpy array on this host.
+
+    An array spread over several processes is gathered from all of them (``process_allgather``), so then every
+    process must make the same call; a fully addressable array (or a numpy one) is copied without communication.
+    """
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
