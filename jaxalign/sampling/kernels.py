@@ -142,8 +142,8 @@ def decode(params, cache, state, temperature, top_p, max_new, stop_ids, *, cfg: 
     """Continue every row of ``prefill``'s state for up to ``max_new`` tokens (traced) in an ``out_len`` buffer.
 
     Returns ``((tokens [R, out_len], logprobs [R, out_len], generated counts [R], stopped [R], steps), cache)``;
-    ``stop_ids`` is padded with -1. The cache is returned only so that a donated input buffer is reused in place by the loop (no
-    second copy).
+    ``stop_ids`` is padded with -1. The cache is returned only so that a donated input buffer is reused in place by
+    the loop (no second copy).
     """
     tok, done, lengths, kv_mask, row_keys = (state[k] for k in ("tok", "done", "lengths", "kv_mask", "row_keys"))
     rows = tok.shape[0]
