@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -107,7 +108,11 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def batch_shards(mesh: Mesh, rules=RULES) -> int:
+def batch_shards(mesh: Mesh | None, rules=RULES) -> int:
+    """How many ways the batch is split: the product of the mesh axes ``batch`` maps to (data x fsdp); 1 without a
+    mesh."""
+    if mesh is None:
+        return 1
     return math.prod(mesh.shape[a] for a in (rules["batch"] or ()) if a in mesh.shape)
 
 
@@ -124,14 +129,17 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=RULES) -> dic
     return out
 
 
+def global_array(host: np.ndarray, mesh: Mesh, rules=RULES) -> jax.Array:
+    """A global array from the WHOLE host array, which every process holds (built identically on every host): the
+    leading dim sharded over the batch axes (a scalar replicated); each process keeps only its shards."""
+    host = np.asarray(host)
+    sharding = batch_sharding(mesh, host.ndim, rules) if host.ndim else NamedSharding(mesh, P())
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=RULES) -> dict[str, jax.Array]:
-    """Global arrays sharded over the batch axes from the WHOLE batch, which every process holds (evaluation data
-    built identically on every host); each process keeps only its shards."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim, rules), lambda idx, v=v: v[idx])
-    return out
+    """:func:`global_array` of every entry (evaluation batches, scoring: data every process builds whole)."""
+    return {k: global_array(v, mesh, rules) for k, v in batch.items()}
 
 
 # ---- activation constraints -------------------------------------------------------------------------------------
@@ -149,8 +157,24 @@ def activate(mesh: Mesh, rules: Mapping[str, Any] = RULES) -> Iterator[None]:
         _ACTIVE.pop()
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    if not _ACTIVE:
+def constrain(x: jax.Array, logical: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
+    """Constrain ``x`` to the sharding of its logical axes on ``mesh`` (with ``RULES``), or, without one, on the mesh
+    (and rules) ``activate`` made active; the identity when there is neither."""
+    if mesh is not None:
+        rules = RULES
+    elif _ACTIVE:
+        mesh, rules = _ACTIVE[-1]
+    else:
         return x
-    mesh, rules = _ACTIVE[-1]
     return jax.lax.with_sharding_constraint(x, named_sharding(logical, x.shape, mesh, rules))
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The whole of a (possibly sharded) array as one numpy array on this host.
+
+    An array spread over several processes is gathered from all of them (``process_allgather``), so then every
+    process must make the same call; a fully addressable array (or a numpy one) is copied without communication.
+    """
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

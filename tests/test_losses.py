@@ -379,6 +379,26 @@ def test_bf16_inputs_are_computed_in_float32():
     close(loss, L.sft_loss(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)), targets, mask)[0])
 
 
+def test_reward_and_kl_losses_upcast_bf16_like_the_preference_losses():
+    """The shared as_float32 upcast reaches the reward-model losses and sequence_kl too: bf16 inputs give float32
+    results equal to those of the float32 upcasts (python-float hyper-parameters stay python floats)."""
+    rng = np.random.default_rng(14)
+    a, b = (jnp.asarray(rng.normal(0, 2, 16), jnp.bfloat16) for _ in range(2))
+    up = [np.asarray(x.astype(jnp.float32)) for x in (a, b)]
+    assert [x.dtype for x in L.as_float32(a, 0.5, np.int32(3))] == [jnp.float32] * 3
+    for fn in (lambda x, y: L.bradley_terry_loss(x, y, margin=0.25, center_coef=0.1), L.afd_discriminator_loss):
+        loss, metrics = fn(a, b)
+        assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+        close(loss, fn(*up)[0], rtol=1e-6)
+    q, p = (jnp.asarray(rng.normal(-2, 1, (3, 7)), jnp.bfloat16) for _ in range(2))
+    mask = (np.arange(7) < np.array([[7], [4], [1]])).astype(np.int32)
+    kl = L.sequence_kl(q, p, mask)
+    want = L.sequence_kl(np.asarray(q.astype(jnp.float32)), np.asarray(p.astype(jnp.float32)), mask)
+    for k in want:
+        assert kl[k].dtype == jnp.float32
+        close(kl[k], want[k], rtol=1e-6)
+
+
 def test_capped_exp_is_exact_below_the_cap_and_linear_above():
     x = np.array([-50.0, 0.0, 10.0, 44.0, EXP_CAP], np.float32)
     close(capped_exp(x), np.exp(x.astype(np.float64)))

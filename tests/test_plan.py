@@ -175,3 +175,36 @@ def test_plan_tiny_sft_on_v5e_2x2(tmp_path):
     table = printed[0]
     assert "| sft |" in table and "v5e" in table and "FITS" in table
     assert np.isfinite(row.compile_s)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu]" (the test extra installs it)')
+def test_plan_tiny_sampler_on_v5e_2x2(tmp_path, monkeypatch):
+    """The sample phase plans the sampler's own prefill / decode kernels: the shapes come from the driver's
+    bucket_length, the KV cache per chip from kv_cache_bytes over the batch shards, and the decoding settings from
+    DecodeMode.from_settings (top-p sorts the vocabulary in the decode program; greedy does not)."""
+    from jaxalign.config import load
+    from jaxalign.sampling import kv_cache_bytes
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    base = ["run.demo_task=false", f"model.path={tmp_path}", "model.dtype=bfloat16", "mesh.data=1", "mesh.fsdp=4",
+            "data.max_length=128", "data.max_prompt_length=48", "sample.max_new_tokens=40", "sample.batch_size=6",
+            "policy.pairs=best_of_n", "policy.num_samples=2", "sample.top_k=0", "sample.top_p=0.9"]
+    sorts = {}
+    for temperature in (0.7, 0.0):
+        dump = tmp_path / f"dump{temperature}"
+        monkeypatch.setenv("JAXALIGN_PLAN_DUMP", str(dump))
+        cfg = load("demo_cpu", base + [f"sample.temperature={temperature}"])
+        pre, dec = plan_lib.plan_recipe(cfg, "v5e:2x2", phases=["sample"], print_fn=None)
+        mcfg = plan_lib.model_config(cfg)
+        # batch 6 rounded up to the 4 batch shards = 8 prompts x 2 samples; prompt 48 -> 64, 40 new -> 64 slots
+        assert pre.phase == "sample: prefill" and dec.phase == "sample: decode"
+        assert pre.detail.startswith("8 prompts x 2 samples") and "prompt 64 + 64 new" in pre.detail
+        assert dec.detail.startswith("16 rows") and "cache 128" in dec.detail
+        assert pre.exact and dec.exact and pre.fits and dec.fits
+        assert dec.kv_cache == pre.kv_cache == kv_cache_bytes(mcfg, 16, 128) / 4
+        # matmul FLOPs of the compiled kernels against prefill_flops / flops_per_token (exact on this config)
+        assert pre.flops == pytest.approx(pre.model_flops, rel=0.02)
+        assert dec.flops == pytest.approx(dec.model_flops, rel=0.02)
+        sorts[temperature] = " sort(" in (dump / "sample_decode.hlo.txt").read_text()
+    assert sorts == {0.7: True, 0.0: False}

@@ -15,8 +15,8 @@ import torch
 from hf_models import make_hf_model
 
 from jaxalign.models import KVCache, from_pretrained
-from jaxalign.sampling import (compile_cache_size, generate, generate_from_params, kv_cache_bytes, plan_batch_size,
-                               sampling_bytes_per_device)
+from jaxalign.sampling import (DecodeMode, bucket_length, compile_cache_size, generate, generate_from_params,
+                               kv_cache_bytes, plan_batch_size, sampling_bytes_per_device, stop_id_buffer)
 from jaxalign.sharding import make_mesh
 
 MAX_NEW = 12
@@ -264,6 +264,47 @@ def test_greedy_is_the_same_on_every_mesh(llama, shape):
     assert res.stats.prompts_per_batch % shape[0] == 0
 
 
+def test_greedy_ignores_top_k_top_p_and_seed(llama):
+    """temperature 0 decides greedy through DecodeMode.from_settings: top-k / top-p / seed change neither the samples
+    nor the compiled program (no new compile)."""
+    _, model = llama
+    kw = dict(max_new_tokens=MAX_NEW, show_progress=False)
+    ref = generate(model, PROMPTS, **kw)
+    res = generate(model, PROMPTS, top_k=3, top_p=0.5, seed=9, **kw)
+    assert res.tokens == ref.tokens and res.logprobs == ref.logprobs and res.stats.compiles == 0
+
+
+# ---- 5. host-side settings: decode mode, length buckets, stop ids ---------------------------------------------
+
+@pytest.mark.parametrize("temperature, top_p, top_k, want", [
+    (0.0, 1.0, 0, DecodeMode(greedy=True)),
+    (0, 0.5, 7, DecodeMode(greedy=True)),  # greedy: top-k / top-p are off whatever they say
+    (1.0, 1.0, 0, DecodeMode(greedy=False)),
+    (0.01, 0.9, 0, DecodeMode(greedy=False, use_top_p=True)),
+    (0.7, 1.0, np.int64(20), DecodeMode(greedy=False, top_k=20)),
+    (1.3, 0.8, 10, DecodeMode(greedy=False, top_k=10, use_top_p=True)),
+])
+def test_decode_mode_from_settings(temperature, top_p, top_k, want):
+    mode = DecodeMode.from_settings(temperature, top_p, top_k)
+    assert mode == want and type(mode.top_k) is int
+    assert hash(mode) == hash(want)  # part of the compile-cache key
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 15, 16, 17, 64, 65, 1000)] == [16, 16, 16, 32, 64, 128, 1024]
+    assert bucket_length(3, minimum=1) == 4 and bucket_length(1, minimum=1) == 1
+    assert [bucket_length(n, (48, 24, 100)) for n in (1, 24, 25, 100)] == [24, 24, 48, 100]
+    with pytest.raises(ValueError, match=r"prompt 101 is longer than the largest of prompt_buckets=\[24, 48, 100\]"):
+        bucket_length(101, (48, 24, 100), what="prompt")
+
+
+def test_stop_id_buffer():
+    assert stop_id_buffer(()).tolist() == [-1] * 8
+    assert stop_id_buffer((5, 2)).tolist() == [5, 2] + [-1] * 6
+    nine = stop_id_buffer(range(3, 12))
+    assert nine.dtype == np.int32 and nine.tolist() == list(range(3, 12)) + [-1] * 7
+
+
 # ---- 6. bad input, refused before compilation -----------------------------------------------------------------
 
 @pytest.mark.parametrize("prompts, kw, match", [
@@ -321,11 +362,11 @@ def test_memory_plan_bounds_what_xla_allocates(llama, dist_runs):
     """The planned prefill / decode peaks bound what XLA allocates (memory_analysis() of the functions the
     distribution runs compiled: 1 prompt x 2048 samples, a cache-dominated shape); the total is within 1.5x of the
     real peak."""
-    from jaxalign.sampling import sampler
+    from jaxalign.sampling import compiled_functions
 
     cfg = llama[1].cfg
     found = {}
-    for key, compiled in sampler._COMPILED.items():  # key: (kind, cfg, params, ids shape, N, cache length, ...)
+    for key, compiled in compiled_functions().items():  # key: (kind, cfg, params, ids shape, N, cache length, ...)
         if key[0] in ("prefill", "decode") and key[3] == (1, 16) and key[4] == N_DIST and ("use_top_p", True) in key:
             found[key[0]] = (compiled.memory_analysis(), key[5])
     (pm, s), (dm, _) = found["prefill"], found["decode"]

@@ -7,6 +7,7 @@ and returns ``(batch-mean loss, metrics)`` with TRL's metric names. Formulas, pa
 matches: docs/losses.md and each function's docstring.
 
 - `logprobs`: `token_logprobs`, `sequence_logprobs` (sum | mean)
+- `numerics`: `as_float32` (the float32 upcast every loss applies to its inputs)
 - `sft`: `sft_loss`
 - `reward`: `bradley_terry_loss`, `afd_discriminator_loss`
 - `preference`: `dpo_loss` (sigmoid / cDPO, ipo, hinge, robust), `simpo_loss`
@@ -21,6 +22,7 @@ matches: docs/losses.md and each function's docstring.
 from jaxalign.losses.dil import DIL_VARIANTS, dil_loss
 from jaxalign.losses.kl import sequence_kl, token_kl
 from jaxalign.losses.logprobs import sequence_logprobs, token_logprobs, token_logprobs_and_top1
+from jaxalign.losses.numerics import as_float32
 from jaxalign.losses.onpolicy import (LENGTH_NORMS, gae, grpo_advantages, grpo_loss, kl_penalized_rewards,
                                       masked_mean, masked_whiten, ppo_policy_loss, ppo_token_rewards, ppo_value_loss,
                                       rloo_advantages, rloo_loss)
@@ -38,6 +40,7 @@ __all__ = [
     "Objective",
     "PAIR_RULES",
     "afd_discriminator_loss",
+    "as_float32",
     "bradley_terry_loss",
     "dil_loss",
     "dpo_loss",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.numerics import as_float32
 from jaxalign.losses.preference import preference_metrics
 
 DIL_VARIANTS = ("lsif", "ukl", "bce", "lsif_ref_free")
@@ -49,8 +50,7 @@ def dil_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, varian
     """
     if variant not in DIL_VARIANTS:
         raise ValueError(f"unknown dil variant {variant!r}; valid: {', '.join(DIL_VARIANTS)}")
-    pc, pr, rc, rr = (jnp.asarray(x).astype(jnp.float32)
-                      for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    pc, pr, rc, rr = as_float32(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if variant == "lsif_ref_free":
         rc, rr = jnp.zeros_like(rc), jnp.zeros_like(rr)
     z_w, z_l = beta * (pc - rc), beta * (pr - rr)

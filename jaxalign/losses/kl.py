@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxalign.losses.dil import capped_exp
+from jaxalign.losses.numerics import as_float32
 
 
 def token_kl(policy_token_logps, ref_token_logps):
@@ -24,8 +25,7 @@ def token_kl(policy_token_logps, ref_token_logps):
     ``r`` in k3 uses the linearly continued exp of `dil.capped_exp`, so a token whose ``log r`` exceeds 50 gives a
     large finite value instead of inf.
     """
-    q = jnp.asarray(policy_token_logps).astype(jnp.float32)
-    p = jnp.asarray(ref_token_logps).astype(jnp.float32)
+    q, p = as_float32(policy_token_logps, ref_token_logps)
     log_r = p - q
     return {
         "k1": -log_r,

@@ -11,11 +11,9 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.numerics import as_float32
+
 DPO_VARIANTS = ("sigmoid", "ipo", "hinge", "robust")
-
-
-def _f32(*xs):
-    return tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
@@ -57,7 +55,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0
     _check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=(variant == "robust"))
     if variant == "ipo" and isinstance(beta, numbers.Real) and beta <= 0:
         raise ValueError(f"ipo needs beta > 0 (it targets a margin of 1/(2 beta)), got {beta}")
-    pc, pr, rc, rr = _f32(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    pc, pr, rc, rr = as_float32(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     u_w, u_l = pc - rc, pr - rr
     d = u_w - u_l
     eps = label_smoothing
@@ -81,6 +79,6 @@ def simpo_loss(policy_chosen, policy_rejected, *, beta=2.0, gamma=0.5):
     ``gamma = beta * gamma_beta_ratio`` to reproduce one of their recipes. Metrics follow TRL: rewards = beta * mean
     log-prob.
     """
-    pc, pr = _f32(policy_chosen, policy_rejected)
+    pc, pr = as_float32(policy_chosen, policy_rejected)
     losses = -jax.nn.log_sigmoid(beta * (pc - pr) - gamma)
     return jnp.mean(losses), preference_metrics(beta * pc, beta * pr, pc, pr)

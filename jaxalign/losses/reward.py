@@ -4,9 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _f32(*xs):
-    return tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
+from jaxalign.losses.numerics import as_float32
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=0.0, center_coef=0.0):
@@ -17,7 +15,7 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=0.0, center_c
     paper ("From Demonstrations to Rewards") uses the same loss with the demonstration as ``r_w`` and the current
     policy's sample as ``r_l``. Rewards are scalars [B] from the reward head.
     """
-    r_w, r_l, margin = _f32(chosen_rewards, rejected_rewards, margin)
+    r_w, r_l, margin = as_float32(chosen_rewards, rejected_rewards, margin)
     loss = -jnp.mean(jax.nn.log_sigmoid(r_w - r_l - margin)) + center_coef * jnp.mean((r_w + r_l) ** 2)
     r_w, r_l = jax.lax.stop_gradient((r_w, r_l))
     return loss, {
@@ -39,7 +37,7 @@ def afd_discriminator_loss(positive_logits, negative_logits):
     Metrics: ``accuracy`` (mean of the per-class accuracies, threshold logit 0), ``accuracy/positive``,
     ``accuracy/negative``, ``rewards/positive``, ``rewards/negative``, ``rewards/margins``.
     """
-    pos, neg = _f32(positive_logits, negative_logits)
+    pos, neg = as_float32(positive_logits, negative_logits)
     loss = -jnp.mean(jax.nn.log_sigmoid(pos)) - jnp.mean(jax.nn.log_sigmoid(-neg))
     pos, neg = jax.lax.stop_gradient((pos, neg))
     acc_pos = jnp.mean((pos > 0).astype(jnp.float32))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax
 from etils import epath
-from jax.experimental import multihost_utils
 
 from jaxalign.models import read_params, read_reward_params, save_params
+from jaxalign.sharding import to_host
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
 
@@ -25,7 +25,7 @@ def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, r
     """Write the phase's final model to ``phases/<phase>/model`` (every process joins the gather; process 0 writes)."""
     out = ctx.workdir.phase(phase) / "model"
     if jax.process_count() > 1:
-        params = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in params.items()}
+        params = {k: to_host(v) for k, v in params.items()}
     if jax.process_index() == 0:
         save_params(params, ctx.model_cfg, out, head="sequence_classification" if reward else "causal_lm")
     return out

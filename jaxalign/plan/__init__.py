@@ -5,7 +5,7 @@
 With ``libtpu`` installed (``pip install -e ".[tpu]"``), ``jax.experimental.topologies.get_topology_desc`` describes the
 slice's devices without a TPU, and the engine's own jitted functions — :func:`jaxalign.train.steps.make_train_step`
 for the SFT / reward / preference steps (the preference step with its frozen reference), the sampler's
-``_prefill_fn`` / ``_decode_fn`` — are lowered with abstract inputs (``ShapeDtypeStruct`` carrying the recipe's
+``jaxalign.sampling.kernels.prefill`` / ``decode`` — are lowered with abstract inputs (``ShapeDtypeStruct`` carrying the recipe's
 shardings) and compiled by the TPU compiler. Only the model's ``config.json`` is needed (the recipe models' configs are
 in ``configs/models/``). For each phase:
 

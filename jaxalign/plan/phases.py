@@ -362,8 +362,9 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
 
     from jaxalign import sharding
     from jaxalign.flops import flops_per_token
-    from jaxalign.sampling import sampler as S
+    from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill
     from jaxalign.sampling.memory import plan_batch_size
+    from jaxalign.sampling.sampler import bucket_length, stop_id_buffer
 
     scfg = mcfg.replace(remat="none")
     if phase == "sample":
@@ -371,16 +372,14 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
         temperature, max_new = cfg.sample.temperature, cfg.sample.max_new_tokens
     else:
         n, temperature, max_new = 1, cfg.eval.temperature, cfg.eval.max_new_tokens
-    greedy = temperature == 0
-    settings = dict(greedy=greedy, top_k=0 if greedy else int(cfg.sample.top_k),
-                    use_top_p=(not greedy) and cfg.sample.top_p < 1.0,
-                    pad_id=int(mcfg.pad_token_id) if mcfg.pad_token_id is not None else 0, mesh=mesh)
-    P = S._bucket(cfg.data.max_prompt_length, None, 16, "prompt")
-    out_len = S._bucket(max_new, None, 16, "length")
+    mode = DecodeMode.from_settings(temperature, cfg.sample.top_p, cfg.sample.top_k)  # as the runner's generate
+    settings = dict(mode=mode, pad_id=int(mcfg.pad_token_id) if mcfg.pad_token_id is not None else 0, mesh=mesh)
+    P = bucket_length(cfg.data.max_prompt_length, what="prompt")
+    out_len = bucket_length(max_new, what="length")
     cache_len = P + out_len
     cdt = jnp.dtype(mcfg.dtype)
     masters = abstract_params(mcfg, mesh)
-    params = abstract_params(mcfg, mesh, dtype=lambda k: mcfg.dtype if k in S._CAST_ONCE else mcfg.param_dtype)
+    params = abstract_params(mcfg, mesh, dtype=lambda k: mcfg.dtype if k in CAST_ONCE else mcfg.param_dtype)
     outside = compiled_bytes(masters)
     shards = sharding.batch_shards(mesh)
     if cfg.sample.batch_size:
@@ -397,7 +396,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
              _sds((B,), jnp.bool_, bs(1)), _sds((), jnp.uint32, rep), _sds((), jnp.float32, rep),
              _sds((), jnp.float32, rep))
     kv_shape = (mcfg.num_layers, B * n, cache_len, mcfg.num_kv_heads, mcfg.head_dim)
-    kv_sh = sharding.named_sharding(S.CACHE_AXES, kv_shape, mesh)
+    kv_sh = sharding.named_sharding(CACHE_AXES, kv_shape, mesh)
     kv = 2 * tree_bytes([_sds(kv_shape, cdt, kv_sh)])
     label = "sample" if phase == "sample" else "eval sampling"
     detail = f"{B} prompts x {n} samples ({how}), prompt {P} + {out_len} new, temperature {temperature:g}"
@@ -406,7 +405,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     pre.params, pre.outside = compiled_bytes(params), outside
 
     def prefill_fn(*a):
-        return S._prefill_fn(*a, cfg=scfg, num_samples=n, cache_len=cache_len, cache_dtype=cdt, **settings)
+        return prefill(*a, cfg=scfg, num_samples=n, cache_len=cache_len, cache_dtype=cdt, **settings)
 
     def jit_in_mesh(fn, donate=()):
         class _Build:  # lower() inside activate(mesh), as sampler._compile does
@@ -428,10 +427,10 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
         return rows
     cache_out, state_out = jax.tree.map(lambda s: _sds(s.shape, s.dtype, s.sharding), compiled.out_info)
     dargs = (params, cache_out, state_out, _sds((), jnp.float32, rep), _sds((), jnp.float32, rep),
-             _sds((), jnp.int32, rep), _sds((8,), jnp.int32, rep))
+             _sds((), jnp.int32, rep), _sds(stop_id_buffer(()).shape, jnp.int32, rep))
 
     def decode_fn(*a):
-        return S._decode_fn(*a, cfg=scfg, prompt_len=P, out_len=out_len, **settings)
+        return decode(*a, cfg=scfg, prompt_len=P, out_len=out_len, **settings)
 
     compile_and_measure(dec, sl, mcfg, lambda: jit_in_mesh(decode_fn, donate=(1,)), dargs, tokens=B * n,
                         seq_len=cache_len, backward=False, kv=kv)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxalign.models.config import ModelConfig
+from jaxalign.sharding import batch_shards
 
 GiB = 2**30
 
@@ -29,20 +30,9 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int, dtype: Any = None)
     return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
-def _shards(mesh, axes: tuple[str, ...]) -> int:
-    if mesh is None:
-        return 1
-    return math.prod(mesh.shape.get(a, 1) for a in axes)
-
-
-def batch_shards(mesh) -> int:
-    """How many ways the batch is split (the mesh's data x fsdp axes; 1 without a mesh)."""
-    return _shards(mesh, ("data", "fsdp"))
-
-
 def kv_head_shards(cfg: ModelConfig, mesh) -> int:
     """How many ways the KV heads are split: the tensor axis when it divides ``num_kv_heads``, else 1 (replicated)."""
-    t = _shards(mesh, ("tensor",))
+    t = mesh.shape.get("tensor", 1) if mesh is not None else 1
     return t if t > 1 and cfg.num_kv_heads % t == 0 else 1
 
 
@@ -113,7 +103,8 @@ def plan_batch_size(cfg: ModelConfig, *, num_prompts: int, prompt_len: int, cach
                     budget_bytes: int, mesh=None, cache_dtype: Any = None, max_rows: int = 256) -> int:
     """Prompts per batch: the largest multiple of the batch shards whose :func:`sampling_bytes_per_device` total fits
     ``budget_bytes``, at most ``max_rows`` rows (prompts x samples, rounded up to the batch shards; always at least one
-    prompt per batch shard, even when ``num_samples > max_rows``) and no more than needed for ``num_prompts``. Raises ``ValueError`` (before any compilation) when even the smallest batch does not fit.
+    prompt per batch shard, even when ``num_samples > max_rows``) and no more than needed for ``num_prompts``. Raises
+    ``ValueError`` (before any compilation) when even the smallest batch does not fit.
     """
     b = batch_shards(mesh)
 

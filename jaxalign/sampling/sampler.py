@@ -1,4 +1,4 @@
-"""In-process sampling: one jitted prefill and one jitted ``lax.while_loop`` decode over a preallocated KV cache.
+"""In-process sampling, the host side: checks, batching, length buckets, the compile cache and the results.
 
 How a call runs:
 
@@ -6,25 +6,17 @@ How a call runs:
    bad temperature / top-k / top-p) — errors come before anything is compiled.
 2. Sort the prompts by length and cut them into fixed-size batches (``batch_size`` prompts, chosen by
    :func:`jaxalign.sampling.memory.plan_batch_size` from a memory budget when not given). Each batch is left-padded to
-   a length bucket (power of two, at least 16, or the caller's ``prompt_buckets``); the number of new tokens is
-   bucketed the same way (``length_buckets``), and the actual ``max_new_tokens`` is a traced loop bound. A round of
-   many batches therefore compiles once per bucket, and compiled functions are cached across calls, keyed by
-   (config, shapes, static sampling settings, parameter shardings, mesh).
-3. Prefill: one forward pass of the ``B`` padded prompts writes their K/V into a cache of ``prompt bucket + new-token
-   bucket`` slots. For ``num_samples = N`` the cache and the last logits are then repeated ``N`` times along the batch
-   (row ``b * N + j`` is sample ``j`` of prompt ``b``): the prompt is processed once, not ``N`` times.
-4. Decode: a ``lax.while_loop`` feeds one token per row per step, samples the next, writes it into an output buffer
-   and stops when every row has emitted a stop id or ``max_new_tokens`` tokens exist. No host sync inside the loop;
-   finished rows keep running (masked) until the whole batch is done, and cannot affect other rows.
-
-Randomness: row keys are ``fold_in(fold_in(fold_in(key(seed), prompt_index), sample_index), step)`` where
-``prompt_index`` is the prompt's position in ``prompts``. A sample therefore depends only on (seed, its prompt's index,
-its sample index) — not on the batch size, the batch it lands in or the other prompts — up to floating-point
-differences between compiled batch shapes.
+   a length bucket (:func:`bucket_length`: power of two, at least 16, or the caller's ``prompt_buckets``); the number
+   of new tokens is bucketed the same way (``length_buckets``), and the actual ``max_new_tokens`` is a traced loop
+   bound. A round of many batches therefore compiles once per bucket, and compiled functions are cached across calls,
+   keyed by (config, shapes, static sampling settings, parameter shardings, mesh).
+3. Run :func:`jaxalign.sampling.kernels.prefill` then :func:`jaxalign.sampling.kernels.decode` on each batch (the
+   prompt is processed once for its ``num_samples`` rows; no host sync inside the decode loop) and fetch the tokens
+   before the next batch is dispatched.
 
 Sharding: with a mesh the prompt/sample rows are split over the ``data`` x ``fsdp`` axes and the KV heads over the
-``tensor`` axis (the cache is laid out ``("layers", "batch", "cache_length", "kv_heads", "head_dim")``); parameters
-keep the shardings the training engine gave them on that mesh (or are placed by the decoder's logical axes).
+``tensor`` axis (the cache is laid out as ``kernels.CACHE_AXES``); parameters keep the shardings the training engine
+gave them on that mesh (or are placed by the decoder's logical axes).
 """
 from __future__ import annotations
 
@@ -40,216 +32,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.decoder import LOGICAL_AXES, KVCache, forward
-from jaxalign.sampling.memory import batch_shards, default_budget_bytes, plan_batch_size
-from jaxalign.sharding import activate, batch_sharding, named_sharding
+from jaxalign.models.decoder import LOGICAL_AXES
+from jaxalign.sampling.kernels import CAST_ONCE, DecodeMode, decode, prefill
+from jaxalign.sampling.memory import default_budget_bytes, plan_batch_size
+from jaxalign.sampling.results import GenerationResult, SamplingStats
+from jaxalign.sharding import activate, batch_shards, global_array, named_sharding, to_host
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-# big matrices are cast to the compute dtype once per call (the decoder casts them at every use anyway, so the
-# numbers are identical); norms and biases keep their dtype
-_CAST_ONCE = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _COMPILED: dict[Any, Any] = {}
 _MAX_COMPILED = 64  # oldest compiled functions are dropped past this many
-
-
-# ---- results -------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class SamplingStats:
-    num_prompts: int = 0
-    num_samples: int = 1
-    num_batches: int = 0
-    prompts_per_batch: int = 0
-    rows_per_batch: int = 0
-    prompt_tokens: int = 0          # real (unpadded) prompt tokens prefilled, once per prompt
-    generated_tokens: int = 0       # tokens returned (stop ids included)
-    decode_steps: int = 0           # token positions decoded per batch (1 + loop iterations), summed
-    compile_s: float = 0.0          # lowering + compiling new functions during this call
-    compiles: int = 0
-    wall_s: float = 0.0             # the whole call, compile included
-    buckets: list = dataclasses.field(default_factory=list)  # (prompt bucket, cache length) per batch
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens per second of wall time, compile time excluded."""
-        run = self.wall_s - self.compile_s
-        return self.generated_tokens / run if run > 0 else float("nan")
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    """Samples of :func:`generate`, sample-major within each prompt.
-
-    ``tokens[i * num_samples + j]`` is sample ``j`` of prompt ``i`` (prompt excluded, cut after the first stop id with
-    the stop id included); ``logprobs`` matches it token for token; ``stopped[k]`` says whether row ``k`` ended on a
-    stop id (else it reached ``max_new_tokens``).
-    """
-
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    stopped: list[bool]
-    num_samples: int
-    stats: SamplingStats
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.tokens) // self.num_samples if self.num_samples else 0
-
-    def index(self, prompt: int, sample: int = 0) -> int:
-        return prompt * self.num_samples + sample
-
-    def samples(self, prompt: int) -> list[list[int]]:
-        """The ``num_samples`` token lists of prompt ``prompt``."""
-        return self.tokens[prompt * self.num_samples:(prompt + 1) * self.num_samples]
-
-    def sample_logprobs(self, prompt: int) -> list[list[float]]:
-        return self.logprobs[prompt * self.num_samples:(prompt + 1) * self.num_samples]
-
-    @property
-    def grouped_tokens(self) -> list[list[list[int]]]:
-        """``[prompt][sample] -> token ids``."""
-        return [self.samples(i) for i in range(self.num_prompts)]
-
-    @property
-    def grouped_logprobs(self) -> list[list[list[float]]]:
-        return [self.sample_logprobs(i) for i in range(self.num_prompts)]
-
-    def sequence_logprobs(self) -> list[float]:
-        """Sum of each row's token log-probs (under the model distribution, see :func:`generate`)."""
-        return [float(np.sum(lp)) for lp in self.logprobs]
-
-
-# ---- the jitted parts ----------------------------------------------------------------------------------------------
-
-def _constrain(x, logical, mesh):
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(logical, x.shape, mesh))
-
-
-def _head_logits(params, cfg: ModelConfig, hidden):
-    """Final hidden states [R, H] -> float32 logits [R, V] (the decoder's LM head, for the last position only)."""
-    dt = jnp.dtype(cfg.dtype)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bh,hv->bv", hidden, head.astype(dt)).astype(jnp.float32)
-
-
-def filter_logits(logits, temperature, top_p, *, top_k: int, use_top_p: bool):
-    """Temperature, then top-k, then nucleus filtering (the order transformers applies its warpers).
-
-    Returns ``(values, indices)``: candidate logits (``-inf`` where filtered out) and, when they are a sorted subset,
-    the vocabulary ids they stand for (``None`` when ``values`` covers the whole vocabulary in order). Top-p keeps the
-    smallest prefix of the tokens sorted by probability whose mass reaches ``top_p`` (a token is kept when the mass
-    strictly before it is ``< top_p``; the most likely token is always kept).
-    """
-    scaled = logits / temperature
-    idx = None
-    if top_k:
-        scaled, idx = jax.lax.top_k(scaled, top_k)  # sorted, descending
-    elif use_top_p:
-        iota = jnp.broadcast_to(jnp.arange(scaled.shape[-1], dtype=jnp.int32), scaled.shape)
-        neg, idx = jax.lax.sort_key_val(-scaled, iota, dimension=-1)
-        scaled = -neg
-    if use_top_p:
-        probs = jax.nn.softmax(scaled, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        keep = (before < top_p).at[..., 0].set(True)
-        scaled = jnp.where(keep, scaled, -jnp.inf)
-    return scaled, idx
-
-
-def _sample(logits, keys, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
-    """Next token and its log-prob under the unfiltered, temperature-1 model distribution, per row."""
-    logits = logits.astype(jnp.float32)
-    if greedy:
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-        vals, idx = filter_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
-        choice = jax.vmap(jax.random.categorical)(keys, vals)
-        tok = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-        tok = tok.astype(jnp.int32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - logz
-    return tok, logp
-
-
-def _step_keys(row_keys, step, greedy: bool):
-    if greedy:
-        return None
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-
-
-def _prefill_fn(params, ids, mask, prompt_idx, valid, seed, temperature, top_p, *, cfg: ModelConfig, num_samples: int,
-                cache_len: int, cache_dtype, greedy: bool, top_k: int, use_top_p: bool, pad_id: int, mesh):
-    b, p = ids.shape
-    n = num_samples
-    mask = mask.astype(jnp.bool_)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = KVCache(*(_constrain(c, CACHE_AXES, mesh) for c in KVCache.zeros(cfg, b, cache_len, cache_dtype)))
-    kv_mask = jnp.concatenate([mask, jnp.ones((b, cache_len - p), jnp.bool_)], axis=1)
-    hidden, cache = forward(params, cfg, ids, positions=positions, attention_mask=mask, cache=cache, cache_index=0,
-                            kv_mask=kv_mask, return_hidden=True)
-    logits = _head_logits(params, cfg, hidden[:, -1])
-    lengths = mask.sum(axis=1).astype(jnp.int32)
-
-    if greedy:  # no randomness: a placeholder keeps the state's structure
-        row_keys = jnp.zeros((b * n,), jnp.uint32)
-    else:
-        prompt_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), prompt_idx)
-        row_keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, jnp.arange(n)))(prompt_keys)
-        row_keys = row_keys.reshape(b * n)
-    if n > 1:  # one prefill, N copies of its cache: row b * N + j is sample j of prompt b
-        cache = KVCache(*(_constrain(jnp.repeat(c, n, axis=1), CACHE_AXES, mesh) for c in cache))
-        logits, kv_mask, lengths, valid = (jnp.repeat(x, n, axis=0) for x in (logits, kv_mask, lengths, valid))
-    logits = _constrain(logits, ("batch", "vocab"), mesh)
-    tok, logp = _sample(logits, _step_keys(row_keys, 0, greedy), temperature, top_p, greedy=greedy, top_k=top_k,
-                        use_top_p=use_top_p)
-    done = ~valid
-    tok = jnp.where(done, pad_id, tok)
-    logp = jnp.where(done, 0.0, logp)
-    return cache, dict(kv_mask=kv_mask, tok=tok, logp=logp, lengths=lengths, row_keys=row_keys, done=done)
-
-
-def _decode_fn(params, cache, state, temperature, top_p, max_new, stop_ids, *, cfg: ModelConfig, prompt_len: int,
-               out_len: int, greedy: bool, top_k: int, use_top_p: bool, pad_id: int, mesh):
-    tok, done, lengths, kv_mask, row_keys = (state[k] for k in ("tok", "done", "lengths", "kv_mask", "row_keys"))
-    rows = tok.shape[0]
-
-    def is_stop(t):
-        return jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
-
-    out_tok = jnp.full((rows, out_len), pad_id, jnp.int32).at[:, 0].set(tok)
-    out_lp = jnp.zeros((rows, out_len), jnp.float32).at[:, 0].set(state["logp"])
-    n_gen = (~done).astype(jnp.int32)
-    done = done | is_stop(tok)
-
-    def cond(c):
-        step, _, _, done, *_ = c
-        return (step < max_new) & ~jnp.all(done)  # all rows stopped (or filler): the loop ends early
-
-    def body(c):
-        step, cache, tok, done, n_gen, out_tok, out_lp = c
-        # token ``step - 1`` sits at position prompt_length + step - 1 and cache slot prompt_bucket + step - 1
-        logits, cache = forward(params, cfg, tok[:, None], positions=(lengths + step - 1)[:, None], cache=cache,
-                                cache_index=prompt_len + step - 1, kv_mask=kv_mask)
-        cache = KVCache(*(_constrain(x, CACHE_AXES, mesh) for x in cache))
-        new, lp = _sample(logits[:, 0], _step_keys(row_keys, step, greedy), temperature, top_p, greedy=greedy,
-                          top_k=top_k, use_top_p=use_top_p)
-        new = jnp.where(done, pad_id, new)
-        lp = jnp.where(done, 0.0, lp)
-        out_tok = jax.lax.dynamic_update_slice(out_tok, new[:, None], (0, step))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
-        n_gen = n_gen + (~done).astype(jnp.int32)
-        done = done | is_stop(new)
-        return step + 1, cache, new, done, n_gen, out_tok, out_lp
-
-    init = (jnp.int32(1), cache, tok, done, n_gen, out_tok, out_lp)
-    steps, cache, _, done, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
-    # the cache is returned only so that the donated input buffer is reused in place by the loop (no second copy)
-    return (out_tok, out_lp, n_gen, done, steps), cache
 
 
 # ---- compiled-function cache ---------------------------------------------------------------------------------------
@@ -281,9 +71,18 @@ def compile_cache_size() -> int:
     return len(_COMPILED)
 
 
+def compiled_functions() -> dict[Any, Any]:
+    """A copy of the compile cache: key ``(kind, cfg, params, ids shape, N, cache length, ...)`` -> compiled function
+    (``kind`` "prefill" / "decode"), e.g. to read ``memory_analysis()`` of what a call compiled."""
+    return dict(_COMPILED)
+
+
 # ---- host side -----------------------------------------------------------------------------------------------------
 
-def _bucket(n: int, buckets: Sequence[int] | None, minimum: int, what: str) -> int:
+def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 16, what: str = "length") -> int:
+    """The padded length a length ``n`` compiles at: the smallest of ``buckets`` that holds it, or without buckets
+    the next power of two, at least ``minimum``. ``what`` ("prompt" / "length") names the setting in the error raised
+    when ``n`` is longer than every bucket."""
     if buckets:
         for b in sorted(buckets):
             if b >= n:
@@ -310,25 +109,22 @@ def _place_params(params, mesh, dtype) -> dict[str, jax.Array]:
                 x = jax.device_put(x, named_sharding(LOGICAL_AXES[name], x.shape, mesh))
         else:
             x = jnp.asarray(x)
-        if name in _CAST_ONCE and x.dtype != dtype:
+        if name in CAST_ONCE and x.dtype != dtype:
             x = x.astype(dtype)  # jitted by jax per dtype pair; keeps the input sharding
         out[name] = x
     return out
 
 
 def _put(host: np.ndarray, mesh):
-    if mesh is None:
-        return jnp.asarray(host)
-    sharding = batch_sharding(mesh, host.ndim) if host.ndim else NamedSharding(mesh, PartitionSpec())
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jnp.asarray(host) if mesh is None else global_array(host, mesh)
 
 
-def _to_host(x) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def stop_id_buffer(stops: Sequence[int]) -> np.ndarray:
+    """Stop ids padded with -1 to a power of two, at least 8 long: the decode program compiles once for any number of
+    stop ids up to that."""
+    out = np.full(max(8, 1 << max(0, (len(stops) - 1).bit_length())), -1, np.int32)
+    out[:len(stops)] = stops
+    return out
 
 
 def _check(cfg: ModelConfig, prompts, *, max_new_tokens, temperature, top_p, top_k, stop_ids, num_samples,
@@ -452,14 +248,12 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     if cfg.remat != "none":
         cfg = cfg.replace(remat="none")
     mesh = mesh if mesh is not None else _mesh_of(params)
-    greedy = temperature == 0
-    top_k = 0 if greedy else int(top_k)
-    use_top_p = (not greedy) and top_p < 1.0
+    mode = DecodeMode.from_settings(temperature, top_p, top_k)
     pad_id = int(cfg.pad_token_id) if cfg.pad_token_id is not None else 0
     cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
 
-    out_len = _bucket(max_new_tokens, length_buckets, 16, "length")
-    max_prompt_bucket = _bucket(max(len(p) for p in prompts), prompt_buckets, 16, "prompt")
+    out_len = bucket_length(max_new_tokens, length_buckets, what="length")
+    max_prompt_bucket = bucket_length(max(len(p) for p in prompts), prompt_buckets, what="prompt")
     shards = batch_shards(mesh)
     if batch_size is None:
         budget = memory_budget_bytes if memory_budget_bytes is not None else default_budget_bytes(params)
@@ -472,13 +266,14 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     params = _place_params(params, mesh, jnp.dtype(cfg.dtype))
     param_key = tuple((k, v.shape, str(v.dtype), getattr(v, "sharding", None)) for k, v in sorted(params.items()))
     stats.prompts_per_batch, stats.rows_per_batch = batch_size, batch_size * n
-    settings = dict(greedy=greedy, top_k=top_k, use_top_p=use_top_p, pad_id=pad_id, mesh=mesh)
+    settings = dict(mode=mode, pad_id=pad_id, mesh=mesh)
+    # spelled out as (name, value) pairs so that a cache key can be searched by setting
+    static_key = (*dataclasses.asdict(mode).items(), ("pad_id", pad_id), ("mesh", mesh))
     scalars = [_put(np.asarray(v, dt), mesh) for v, dt in
                ((seed % 2**32, np.uint32), (max(float(temperature), 1e-6), np.float32), (top_p, np.float32))]
     seed_a, temp_a, top_p_a = scalars
     max_new_a = _put(np.asarray(max_new_tokens, np.int32), mesh)
-    stop_host = np.full(max(8, 1 << max(0, (len(stops) - 1).bit_length())), -1, np.int32)
-    stop_host[:len(stops)] = stops
+    stop_host = stop_id_buffer(stops)
     stop_a = jax.device_put(stop_host, NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
 
     order = sorted(range(n_prompts), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
@@ -487,7 +282,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     stopped: list[bool] = [False] * (n_prompts * n)
 
     def collect(members, outputs):
-        out_tok, out_lp, n_gen, done, steps = (_to_host(x) for x in outputs)
+        out_tok, out_lp, n_gen, done, steps = (to_host(x) for x in outputs)
         stats.decode_steps += int(steps)
         for bi, pi in enumerate(members):
             for j in range(n):
@@ -507,7 +302,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     with bar:
         for start in range(0, n_prompts, batch_size):
             members = order[start:start + batch_size]
-            p_len = _bucket(max(len(prompts[i]) for i in members), prompt_buckets, 16, "prompt")
+            p_len = bucket_length(max(len(prompts[i]) for i in members), prompt_buckets, what="prompt")
             cache_len = p_len + out_len
             ids = np.full((batch_size, p_len), pad_id, np.int32)
             mask = np.zeros((batch_size, p_len), np.int32)
@@ -522,21 +317,21 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
                 stats.prompt_tokens += len(prompts[pi]) if bi < len(members) else 0
             args = (params, _put(ids, mesh), _put(mask, mesh), _put(prompt_idx, mesh), _put(valid, mesh), seed_a,
                     temp_a, top_p_a)
-            key = ("prefill", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), *settings.items())
-            fn = lambda *a: _prefill_fn(*a, cfg=cfg, num_samples=n, cache_len=cache_len,  # noqa: E731
-                                        cache_dtype=cache_dtype, **settings)
-            prefill, dt = _compile(key, fn, args, mesh)
+            key = ("prefill", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), *static_key)
+            fn = lambda *a: prefill(*a, cfg=cfg, num_samples=n, cache_len=cache_len,  # noqa: E731
+                                    cache_dtype=cache_dtype, **settings)
+            run_prefill, dt = _compile(key, fn, args, mesh)
             stats.compile_s += dt
             stats.compiles += dt > 0
-            cache, state = prefill(*args)
+            cache, state = run_prefill(*args)
             dargs = (params, cache, state, temp_a, top_p_a, max_new_a, stop_a)
             key = ("decode", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), out_len, stop_host.shape,
-                   *settings.items())
-            fn = lambda *a: _decode_fn(*a, cfg=cfg, prompt_len=p_len, out_len=out_len, **settings)  # noqa: E731
-            decode, dt = _compile(key, fn, dargs, mesh, donate=(1,))
+                   *static_key)
+            fn = lambda *a: decode(*a, cfg=cfg, prompt_len=p_len, out_len=out_len, **settings)  # noqa: E731
+            run_decode, dt = _compile(key, fn, dargs, mesh, donate=(1,))
             stats.compile_s += dt
             stats.compiles += dt > 0
-            outputs, cache = decode(*dargs)
+            outputs, cache = run_decode(*dargs)
             del cache, state, dargs
             stats.num_batches += 1
             stats.buckets.append((p_len, cache_len))

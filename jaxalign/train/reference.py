@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxalign import sharding
+from jaxalign.sharding import to_host
 from jaxalign.data.loader import pad_pair_batch
 from jaxalign.models.config import ModelConfig
 from jaxalign.train.steps import make_eval_logps
@@ -45,21 +46,13 @@ def dataset_fingerprint(examples: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-def _host_array(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def model_fingerprint(params: dict[str, Any], cfg: ModelConfig, reduce: str) -> str:
     """sha256 over the config, the log-prob reduction, and every parameter's name, dtype, shape and bytes."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
     h.update(reduce.encode())
     for name in sorted(params):
-        a = _host_array(params[name])
+        a = to_host(params[name])
         h.update(f"{name}:{a.dtype}:{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -126,7 +119,7 @@ def precompute_reference_logps(
         batch["_index"] = np.asarray(mine, np.int32)
         arrays = sharding.shard_batch(batch, mesh)
         c, r = fn(params, {k: v for k, v in arrays.items() if k != "_index"})
-        c, r, where = (_host_array(x) for x in (c, r, arrays["_index"]))
+        c, r, where = (to_host(x) for x in (c, r, arrays["_index"]))
         chosen[where], rejected[where] = c, r
     if path is not None and pid == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
