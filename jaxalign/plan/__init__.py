@@ -27,7 +27,8 @@ import sys
 
 from jaxalign.plan.disk import disk_plan, format_disk
 from jaxalign.plan.phases import (HUB_CONFIGS, MODELS_DIR, PhaseRow, make_mesh, model_config, model_step_flops,
-                                  WhatIf, plan_sampler, plan_train, prefill_flops, resolve_model_file)
+                                  WhatIf, plan_train, resolve_model_file)
+from jaxalign.plan.sampling import plan_sampler, prefill_flops
 from jaxalign.plan.report import FIT_MARGIN, format_plan, judge
 from jaxalign.plan.tpu import CHIPS, PlanError, Slice, get_slice, hbm_allocated, parse_oom, require_libtpu
 

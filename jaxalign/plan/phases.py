@@ -104,7 +104,7 @@ def make_mesh(cfg, sl: Slice):
 
 # ---- abstract inputs --------------------------------------------------------------------------------------------
 
-def _sds(shape, dtype, sharding):
+def sds(shape, dtype, sharding):
     import jax
 
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
@@ -124,7 +124,7 @@ def abstract_params(mcfg, mesh, *, reward: bool = False, dtype=None) -> dict:
     out = {}
     for k, s in shapes.items():
         dt = jnp.dtype(dtype(k) if callable(dtype) else (dtype or mcfg.param_dtype))
-        out[k] = _sds(s, dt, named_sharding(PARAM_AXES[k], s, mesh))
+        out[k] = sds(s, dt, named_sharding(PARAM_AXES[k], s, mesh))
     return out
 
 
@@ -136,7 +136,7 @@ def abstract_batch(kind: str, batch: int, length: int, mesh, *, pack: bool = Fal
     keys = (["input_ids", "loss_mask", "attention_mask"] + (["segment_ids", "positions"] if pack else [])
             if kind == "sft" else [f"{s}_{k}" for s in ("chosen", "rejected")
                                    for k in ("input_ids", "loss_mask", "attention_mask")])
-    return {k: _sds((batch, length), jnp.int32, batch_sharding(mesh, 2)) for k in keys}
+    return {k: sds((batch, length), jnp.int32, batch_sharding(mesh, 2)) for k in keys}
 
 
 def tree_bytes(tree) -> float:
@@ -283,7 +283,7 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     optimizer, schedule = _optimizer(section, what_if.mu_dtype)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     shard = state_shardings(abstract, mesh)
-    state = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, shard)
+    state = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), abstract, shard)
     T = cfg.data.max_length
     batch = abstract_batch("sft" if kind == "sft" else "pairs", section.batch_size, T, mesh,
                            pack=kind == "sft" and cfg.sft.pack)
@@ -300,7 +300,7 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
         if mode == "precomputed":
             from jaxalign.sharding import batch_sharding
 
-            batch.update({k: _sds((section.batch_size,), jnp.float32, batch_sharding(mesh, 1))
+            batch.update({k: sds((section.batch_size,), jnp.float32, batch_sharding(mesh, 1))
                           for k in ("ref_chosen_logps", "ref_rejected_logps")})
         detail = f"{cfg.policy.objective}, reference {'in step' if ref else mode}, "
     rows_per_item = 1 if kind == "sft" else 2
@@ -343,97 +343,3 @@ def model_step_flops(mcfg, tokens: float, seq: int, *, remat: str, reference: bo
     if not lm_head:
         per_tok -= 3 * head
     return per_tok * tokens
-
-
-def prefill_flops(mcfg, batch: int, prompt: int, cache_len: int) -> float:
-    """Matmul FLOPs of the sampler's prefill: the layers on ``prompt`` tokens attending over all ``cache_len`` slots
-    (the cache is allocated at full length), the LM head on the last position only."""
-    from jaxalign.flops import matmul_params
-
-    head = mcfg.hidden_size * mcfg.vocab_size
-    layers = 2 * (matmul_params(mcfg) - head) * prompt
-    attn = 4 * mcfg.num_layers * prompt * cache_len * mcfg.num_heads * mcfg.head_dim
-    return batch * (layers + attn + 2 * head)
-
-
-def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
-    import jax
-    import jax.numpy as jnp
-
-    from jaxalign import sharding
-    from jaxalign.flops import flops_per_token
-    from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill
-    from jaxalign.sampling.memory import plan_batch_size
-    from jaxalign.sampling.sampler import bucket_length, stop_id_buffer
-
-    scfg = mcfg.replace(remat="none")
-    if phase == "sample":
-        n = cfg.policy.num_samples if cfg.policy.pairs == "best_of_n" and cfg.run.method != "afd" else 1
-        temperature, max_new = cfg.sample.temperature, cfg.sample.max_new_tokens
-    else:
-        n, temperature, max_new = 1, cfg.eval.temperature, cfg.eval.max_new_tokens
-    mode = DecodeMode.from_settings(temperature, cfg.sample.top_p, cfg.sample.top_k)  # as the runner's generate
-    settings = dict(mode=mode, pad_id=int(mcfg.pad_token_id) if mcfg.pad_token_id is not None else 0, mesh=mesh)
-    P = bucket_length(cfg.data.max_prompt_length, what="prompt")
-    out_len = bucket_length(max_new, what="length")
-    cache_len = P + out_len
-    cdt = jnp.dtype(mcfg.dtype)
-    masters = abstract_params(mcfg, mesh)
-    params = abstract_params(mcfg, mesh, dtype=lambda k: mcfg.dtype if k in CAST_ONCE else mcfg.param_dtype)
-    outside = compiled_bytes(masters)
-    shards = sharding.batch_shards(mesh)
-    if cfg.sample.batch_size:
-        B = math.ceil(cfg.sample.batch_size / shards) * shards
-        how = "sample.batch_size"
-    else:  # what generate() picks at run time: default_budget_bytes() = 90% of HBM minus what is in use
-        prompts = cfg.eval.num_prompts if phase == "eval" else (cfg.sample.limit or 10**6)
-        B = plan_batch_size(scfg, num_prompts=prompts, prompt_len=P, cache_len=cache_len, num_samples=n,
-                            budget_bytes=int(0.9 * sl.chip.hbm - outside), mesh=mesh, cache_dtype=cdt)
-        how = "planned by sampling.memory"
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    bs = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
-    pargs = (params, _sds((B, P), jnp.int32, bs(2)), _sds((B, P), jnp.int32, bs(2)), _sds((B,), jnp.int32, bs(1)),
-             _sds((B,), jnp.bool_, bs(1)), _sds((), jnp.uint32, rep), _sds((), jnp.float32, rep),
-             _sds((), jnp.float32, rep))
-    kv_shape = (mcfg.num_layers, B * n, cache_len, mcfg.num_kv_heads, mcfg.head_dim)
-    kv_sh = sharding.named_sharding(CACHE_AXES, kv_shape, mesh)
-    kv = 2 * tree_bytes([_sds(kv_shape, cdt, kv_sh)])
-    label = "sample" if phase == "sample" else "eval sampling"
-    detail = f"{B} prompts x {n} samples ({how}), prompt {P} + {out_len} new, temperature {temperature:g}"
-    rows = []
-    pre = PhaseRow(f"{label}: prefill", detail, hbm=sl.chip.hbm)
-    pre.params, pre.outside = compiled_bytes(params), outside
-
-    def prefill_fn(*a):
-        return prefill(*a, cfg=scfg, num_samples=n, cache_len=cache_len, cache_dtype=cdt, **settings)
-
-    def jit_in_mesh(fn, donate=()):
-        class _Build:  # lower() inside activate(mesh), as sampler._compile does
-            def lower(self, *a):
-                with sharding.activate(mesh):
-                    return jax.jit(fn, donate_argnums=donate).lower(*a)
-        return _Build()
-
-    compiled = compile_and_measure(pre, sl, mcfg, lambda: jit_in_mesh(prefill_fn), pargs, tokens=B * P, seq_len=P,
-                                   backward=False, kv=kv)
-    pre.model_flops = prefill_flops(mcfg, B, P, cache_len) / len(sl.devices)
-    rows.append(pre)
-    dec = PhaseRow(f"{label}: decode", f"{B * n} rows, one token per step, cache {cache_len}", hbm=sl.chip.hbm)
-    dec.params, dec.outside = pre.params, outside
-    if compiled is None:
-        dec.verdict = "not compiled (prefill does not fit)"
-        dec.total, dec.kv_cache, dec.exact = pre.total, kv, False
-        rows.append(dec)
-        return rows
-    cache_out, state_out = jax.tree.map(lambda s: _sds(s.shape, s.dtype, s.sharding), compiled.out_info)
-    dargs = (params, cache_out, state_out, _sds((), jnp.float32, rep), _sds((), jnp.float32, rep),
-             _sds((), jnp.int32, rep), _sds(stop_id_buffer(()).shape, jnp.int32, rep))
-
-    def decode_fn(*a):
-        return decode(*a, cfg=scfg, prompt_len=P, out_len=out_len, **settings)
-
-    compile_and_measure(dec, sl, mcfg, lambda: jit_in_mesh(decode_fn, donate=(1,)), dargs, tokens=B * n,
-                        seq_len=cache_len, backward=False, kv=kv)
-    dec.model_flops = B * n * flops_per_token(mcfg, cache_len, backward=False) / len(sl.devices)
-    rows.append(dec)
-    return rows

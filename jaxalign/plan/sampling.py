@@ -1,0 +1,102 @@
+"""The sampling phases' plan: the prefill and the decode step compiled for the slice with the batch the sampler
+would pick (or ``sample.batch_size``), their memory, KV cache, FLOPs and time per generated token."""
+from __future__ import annotations
+
+import math
+
+from jaxalign.plan.phases import (PhaseRow, abstract_params, compile_and_measure, compiled_bytes, sds, tree_bytes)
+from jaxalign.plan.tpu import Slice
+
+
+def prefill_flops(mcfg, batch: int, prompt: int, cache_len: int) -> float:
+    """Matmul FLOPs of the sampler's prefill: the layers on ``prompt`` tokens attending over all ``cache_len`` slots
+    (the cache is allocated at full length), the LM head on the last position only."""
+    from jaxalign.flops import matmul_params
+
+    head = mcfg.hidden_size * mcfg.vocab_size
+    layers = 2 * (matmul_params(mcfg) - head) * prompt
+    attn = 4 * mcfg.num_layers * prompt * cache_len * mcfg.num_heads * mcfg.head_dim
+    return batch * (layers + attn + 2 * head)
+
+
+def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign import sharding
+    from jaxalign.flops import flops_per_token
+    from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill
+    from jaxalign.sampling.memory import plan_batch_size
+    from jaxalign.sampling.sampler import bucket_length, stop_id_buffer
+
+    scfg = mcfg.replace(remat="none")
+    if phase == "sample":
+        n = cfg.policy.num_samples if cfg.policy.pairs == "best_of_n" and cfg.run.method != "afd" else 1
+        temperature, max_new = cfg.sample.temperature, cfg.sample.max_new_tokens
+    else:
+        n, temperature, max_new = 1, cfg.eval.temperature, cfg.eval.max_new_tokens
+    mode = DecodeMode.from_settings(temperature, cfg.sample.top_p, cfg.sample.top_k)  # as the runner's generate
+    settings = dict(mode=mode, pad_id=int(mcfg.pad_token_id) if mcfg.pad_token_id is not None else 0, mesh=mesh)
+    P = bucket_length(cfg.data.max_prompt_length, what="prompt")
+    out_len = bucket_length(max_new, what="length")
+    cache_len = P + out_len
+    cdt = jnp.dtype(mcfg.dtype)
+    masters = abstract_params(mcfg, mesh)
+    params = abstract_params(mcfg, mesh, dtype=lambda k: mcfg.dtype if k in CAST_ONCE else mcfg.param_dtype)
+    outside = compiled_bytes(masters)
+    shards = sharding.batch_shards(mesh)
+    if cfg.sample.batch_size:
+        B = math.ceil(cfg.sample.batch_size / shards) * shards
+        how = "sample.batch_size"
+    else:  # what generate() picks at run time: default_budget_bytes() = 90% of HBM minus what is in use
+        prompts = cfg.eval.num_prompts if phase == "eval" else (cfg.sample.limit or 10**6)
+        B = plan_batch_size(scfg, num_prompts=prompts, prompt_len=P, cache_len=cache_len, num_samples=n,
+                            budget_bytes=int(0.9 * sl.chip.hbm - outside), mesh=mesh, cache_dtype=cdt)
+        how = "planned by sampling.memory"
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    bs = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
+    pargs = (params, sds((B, P), jnp.int32, bs(2)), sds((B, P), jnp.int32, bs(2)), sds((B,), jnp.int32, bs(1)),
+             sds((B,), jnp.bool_, bs(1)), sds((), jnp.uint32, rep), sds((), jnp.float32, rep),
+             sds((), jnp.float32, rep))
+    kv_shape = (mcfg.num_layers, B * n, cache_len, mcfg.num_kv_heads, mcfg.head_dim)
+    kv_sh = sharding.named_sharding(CACHE_AXES, kv_shape, mesh)
+    kv = 2 * tree_bytes([sds(kv_shape, cdt, kv_sh)])
+    label = "sample" if phase == "sample" else "eval sampling"
+    detail = f"{B} prompts x {n} samples ({how}), prompt {P} + {out_len} new, temperature {temperature:g}"
+    rows = []
+    pre = PhaseRow(f"{label}: prefill", detail, hbm=sl.chip.hbm)
+    pre.params, pre.outside = compiled_bytes(params), outside
+
+    def prefill_fn(*a):
+        return prefill(*a, cfg=scfg, num_samples=n, cache_len=cache_len, cache_dtype=cdt, **settings)
+
+    def jit_in_mesh(fn, donate=()):
+        class _Build:  # lower() inside activate(mesh), as sampler._compile does
+            def lower(self, *a):
+                with sharding.activate(mesh):
+                    return jax.jit(fn, donate_argnums=donate).lower(*a)
+        return _Build()
+
+    compiled = compile_and_measure(pre, sl, mcfg, lambda: jit_in_mesh(prefill_fn), pargs, tokens=B * P, seq_len=P,
+                                   backward=False, kv=kv)
+    pre.model_flops = prefill_flops(mcfg, B, P, cache_len) / len(sl.devices)
+    rows.append(pre)
+    dec = PhaseRow(f"{label}: decode", f"{B * n} rows, one token per step, cache {cache_len}", hbm=sl.chip.hbm)
+    dec.params, dec.outside = pre.params, outside
+    if compiled is None:
+        dec.verdict = "not compiled (prefill does not fit)"
+        dec.total, dec.kv_cache, dec.exact = pre.total, kv, False
+        rows.append(dec)
+        return rows
+    cache_out, state_out = jax.tree.map(lambda s: sds(s.shape, s.dtype, s.sharding), compiled.out_info)
+    dargs = (params, cache_out, state_out, sds((), jnp.float32, rep), sds((), jnp.float32, rep),
+             sds((), jnp.int32, rep), sds(stop_id_buffer(()).shape, jnp.int32, rep))
+
+    def decode_fn(*a):
+        return decode(*a, cfg=scfg, prompt_len=P, out_len=out_len, **settings)
+
+    compile_and_measure(dec, sl, mcfg, lambda: jit_in_mesh(decode_fn, donate=(1,)), dargs, tokens=B * n,
+                        seq_len=cache_len, backward=False, kv=kv)
+    dec.model_flops = B * n * flops_per_token(mcfg, cache_len, backward=False) / len(sl.devices)
+    rows.append(dec)
+    return rows
