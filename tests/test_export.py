@@ -70,8 +70,8 @@ def test_exported_chat_model_generates_through_the_pipeline_and_stops_at_end_of_
     a, b = tok.encode(" Paris"), tok.encode(" indeed")
     assert len(a) == len(b) == 1
     cfg = _cfg(len(tok), tok)
-    folder = save_pretrained(_bigram_decoder(cfg, [int(prompt_ids[-1]), a[0], b[0], im_end], default=tok.encode(" no")[0]),
-                             tmp_path / "model")
+    decoder = _bigram_decoder(cfg, [int(prompt_ids[-1]), a[0], b[0], im_end], default=tok.encode(" no")[0])
+    folder = save_pretrained(decoder, tmp_path / "model")
     complete_export(folder, tokenizer=tok, chat_template="chatml", dtype="bfloat16")
 
     generation = json.loads((folder / "generation_config.json").read_text())
