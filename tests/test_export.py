@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from jaxalign.data.formats import Message, Record  # noqa: E402
 from jaxalign.data.tokenize import ChatEncoder  # noqa: E402
 from jaxalign.models import Decoder, ModelConfig, RewardModel, reward_forward, save_pretrained  # noqa: E402
-from jaxalign.models.export import complete_export  # noqa: E402
+from jaxalign.models.export import complete_export, converted_copy  # noqa: E402
 from jaxalign.models.hub import hub_repo_id, model_files, push_to_hub  # noqa: E402
 
 H = 16
@@ -95,6 +95,7 @@ def test_exported_chat_model_generates_through_the_pipeline_and_stops_at_end_of_
 
 
 def test_exported_zephyr_model_keeps_template_and_stops_at_eos(shared_data, tmp_path):
+    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "zephyr-mistral-7b")
@@ -104,6 +105,14 @@ def test_exported_zephyr_model_keeps_template_and_stops_at_eos(shared_data, tmp_
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tok.convert_tokens_to_ids("</s>")
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    copy = converted_copy(folder, tmp_path / "bf16", "bfloat16")
+    with safe_open(str(folder / "model.safetensors"), "numpy") as src, safe_open(str(copy / "model.safetensors"),
+                                                                                   "numpy") as dst:
+        assert src.get_tensor("lm_head.weight").dtype == np.float32  # the source is left as it was
+        assert str(dst.get_tensor("lm_head.weight").dtype) == "bfloat16"
+        np.testing.assert_array_equal(dst.get_tensor("lm_head.weight").astype(np.float32),
+                                      src.get_tensor("lm_head.weight"))  # 0 / 1 / 10 are exact in bfloat16
+    assert json.loads((copy / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = AutoTokenizer.from_pretrained(folder)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert loaded.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)

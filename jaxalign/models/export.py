@@ -12,7 +12,8 @@
   must not end with EOS to score alike); the saved tokenizer pads with the same token;
 - for causal LMs, ``generation_config.json`` whose ``eos_token_id`` lists EOS and the template's end-of-turn token
   (``<|im_end|>`` for ChatML), so ``generate`` and ``pipeline("text-generation")`` stop at the end of the reply;
-- optionally the weights cast to another float dtype (``float32`` / ``bfloat16`` / ``float16``), shard by shard.
+- optionally the weights cast to another float dtype (``float32`` / ``bfloat16`` / ``float16``), shard by shard, in
+  place; ``converted_copy`` writes the cast weights to another folder instead (for folders later phases read back).
 
 The tokenizer passed in is not modified.
 """
@@ -69,6 +70,17 @@ def convert_dtype(folder: str | Path, dtype: str) -> Path:
         index.write_text(json.dumps(data, indent=2))
     _update_config(folder, {"torch_dtype": dtype, "dtype": dtype})
     return folder
+
+
+def converted_copy(folder: str | Path, dest: str | Path, dtype: str) -> Path:
+    """A copy of a model folder with its weights in ``dtype``, the source left as it is. Use it where later phases
+    read the folder back: float32 weights rounded to bfloat16 between rounds would lose every update smaller than
+    bfloat16's resolution (at DPO learning rates, most of them)."""
+    import shutil
+
+    dest = Path(dest)
+    shutil.copytree(folder, dest, dirs_exist_ok=True)
+    return convert_dtype(dest, dtype)
 
 
 def _update_config(folder: Path, values: dict) -> None:
