@@ -191,3 +191,15 @@ def test_rotating_window_moves_on_each_round_and_covers_every_item():
         rotating_window(10, 4, 0)
     with pytest.raises(ValueError):
         rotating_window(10, 0, 1)
+
+
+def test_no_records_and_all_skipped_records(zephyr, tmp_path):
+    encoder = ChatEncoder(zephyr)
+    report = DataReport()
+    assert encode_records_cached([], encoder, "sft", report, cache_dir=tmp_path) == [] and report.kept == 0
+    bad = [Record(0, "a", (Message("user", "hi"),), chosen="x</s>")]
+    for _ in range(2):  # written, then read back: the skip is replayed from the cache
+        report = DataReport()
+        assert encode_records_cached(bad, encoder, "sft", report, cache_dir=tmp_path) == []
+        assert report.kept == 0 and report.skips == {"special_token_in_content": 1}
+    assert cache_hit(bad, encoder, "sft", tmp_path)

@@ -184,7 +184,7 @@ def encode_records_cached(
     keyed by ``encoding_key``; see the module docstring. Without either it is ``encode_records`` itself."""
     report = report if report is not None else DataReport()
     records = list(records)
-    if cache_dir is None and num_proc <= 1:
+    if not records or (cache_dir is None and num_proc <= 1):
         return encode_records(records, encoder, task, report)
     import datasets
 
