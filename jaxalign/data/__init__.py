@@ -5,6 +5,9 @@
     tokenize.ChatEncoder(tokenizer, max_length=..., max_prompt_length=...)
         .encode(record, "sft" | "pairs" | "prompt")                  -> EncodedRecord | Skip
     tokenize.sft_examples / pair_examples(records, encoder, report)  -> example dicts
+    cache.encode_records_cached(records, encoder, task, report, cache_dir=..., num_proc=...)
+                                                                      -> encode_records, parallel and cached on disk
+    rotation.rotating_window(n_items, limit, round_)                  -> the prompt indices a round samples
     loader.sft_dataset / pair_dataset(examples, global_batch_size=..., buckets=..., pad_id=...)
                                                                       -> grain.IterDataset of padded numpy batches
 
@@ -28,7 +31,9 @@ _EXPORTS = {
         "bucket_for", "length_buckets", "pad_pair_batch", "pad_sft_batch", "pair_dataset", "sft_dataset",
         "total_batches",
     ),
-    "sources": ("iter_rows", "load_records", "load_table"),
+    "sources": ("iter_rows", "load_records", "load_table", "stream_rows"),
+    "cache": ("encode_records_cached", "encoding_key", "cache_hit"),
+    "rotation": ("rotating_window",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -11,7 +11,8 @@ Contract:
 - Failures are one-paragraph ``DataError``s: a missing local file names the path; a nonexistent split lists the splits
   that exist; an unreachable hub dataset says so (hub ids cannot be fetched offline).
 - ``load_records`` = ``load_table`` + ``formats.normalize_rows``: it returns the records and the ``DataReport`` that
-  counts every skipped row.
+  counts every skipped row. With a ``limit`` a hub split is streamed (``stream_rows``: ``load_dataset(...,
+  streaming=True)`` + ``take``), so a smoke run on a large dataset fetches only its first rows.
 """
 from __future__ import annotations
 
@@ -98,6 +99,32 @@ def _unknown_split(split: str, available: Sequence[str], where: str) -> DataErro
     )
 
 
+def _local_builder(source, split: str) -> tuple[str, dict[str, list[str]]]:
+    """(``datasets`` builder name, data files by split) for local data, checked."""
+    files = _local_files(source)
+    if _split_name(split) not in files:
+        raise _unknown_split(split, list(files), f"the local files {source!r}")
+    builders = {_builder(f) for fs in files.values() for f in fs}
+    if None in builders or len(builders) != 1:
+        found = sorted(f for fs in files.values() for f in fs)
+        raise DataError(f"Local data must be all .json/.jsonl or all .parquet files; got {found}.")
+    return builders.pop(), files
+
+
+def stream_rows(source, *, split: str = "train", name: str | None = None, limit: int | None = None,
+                data_dir: str | None = None) -> Iterator[dict]:
+    """The first ``limit`` rows (all without one) of ``source`` / ``split``, read with ``load_dataset(...,
+    streaming=True)``: a hub split is not downloaded whole. Local files go through the same streaming reader."""
+    import datasets
+
+    if _looks_local(source):
+        builder, files = _local_builder(source, split)
+        table = datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
+    else:
+        table = datasets.load_dataset(source, name, split=split, streaming=True, data_dir=data_dir or None)
+    return iter(table if limit is None else table.take(limit))
+
+
 def load_table(
     source,
     *,
@@ -111,14 +138,8 @@ def load_table(
     import datasets  # heavy; only readers of data pay for it
 
     if _looks_local(source):
-        files = _local_files(source)
-        if _split_name(split) not in files:
-            raise _unknown_split(split, list(files), f"the local files {source!r}")
-        builders = {_builder(f) for fs in files.values() for f in fs}
-        if None in builders or len(builders) != 1:
-            found = sorted(f for fs in files.values() for f in fs)
-            raise DataError(f"Local data must be all .json/.jsonl or all .parquet files; got {found}.")
-        return datasets.load_dataset(builders.pop(), data_files=files, split=split, cache_dir=cache_dir)
+        builder, files = _local_builder(source, split)
+        return datasets.load_dataset(builder, data_files=files, split=split, cache_dir=cache_dir)
     try:
         return datasets.load_dataset(source, name, split=split, cache_dir=cache_dir, data_dir=data_dir or None)
     except ValueError as err:
@@ -164,23 +185,37 @@ def load_records(
     report: DataReport | None = None,
     cache_dir: str | None = None,
     data_dir: str | None = None,
+    streaming: bool | None = None,
 ) -> tuple[list[Record], DataReport]:
     """Read ``source`` / ``split`` and normalise it; returns the records and the report counting every skip.
 
     ``format`` is ``"auto"`` (from the column names) or one of ``formats.FORMATS``; ``limit`` reads only the first
-    rows (subsampling for smoke runs and tests).
+    rows (subsampling for smoke runs and tests). ``streaming`` reads through ``stream_rows``; by default a hub
+    split with a ``limit`` streams (its first rows, not the whole split, are fetched) and falls back to a full load
+    where the dataset cannot stream; split slices such as ``"train[:100]"`` need the full load.
     """
-    table = load_table(source, split=split, name=name, cache_dir=cache_dir, data_dir=data_dir)
-    if limit is not None:
-        table = table.select(range(min(limit, len(table))))
+    stream = (limit is not None and not _looks_local(source)) if streaming is None else streaming
+    rows = None
+    if stream and "[" not in split:
+        try:
+            rows = stream_rows(source, split=split, name=name, limit=limit, data_dir=data_dir)
+            first = next(rows, _END)
+        except Exception:
+            if streaming:  # asked for explicitly: the user should see why it failed
+                raise
+            rows = None
+    if rows is None:
+        table = load_table(source, split=split, name=name, cache_dir=cache_dir, data_dir=data_dir)
+        if limit is not None:
+            table = table.select(range(min(limit, len(table))))
+        rows = iter_rows(table)
+        first = next(rows, _END)
     label = _label(source, split, name, data_dir)
     report = report if report is not None else DataReport(name=label)
-    rows = iter_rows(table)
-    first = next(rows, _END)
     if first is _END:
         report.kept = 0
         return [], report
-    fmt = check_format(format, table.column_names, first)
+    fmt = check_format(format, list(first), first)
     records = normalize_rows(_prepend(first, rows), fmt, report=report, source=Path(label).name)
     report.kept = len(records)
     return records, report

@@ -310,6 +310,24 @@ class ChatEncoder:
         rejected = sequences[1] if len(sequences) > 1 else None
         return EncodedRecord(record.index, record.id, prompt_ids, chosen, rejected, tuple(changes))
 
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        """The ids that end an assistant turn, for a generation config's ``eos_token_id``: EOS (which closes every
+        trained turn, see ``_turn``) plus the first special token the template writes after an assistant message
+        (``<|im_end|>`` for ChatML, ``</s>`` for zephyr), which a chat model emits first and must stop at."""
+        marker = "jaxalign end-of-turn probe"
+        ids = [self.eos_id]
+        try:
+            text = self._render((Message("user", "hi"), Message("assistant", marker)), False)
+        except (_TokenSkip, jinja2.TemplateError):
+            return tuple(ids)
+        tail = text[text.rfind(marker) + len(marker):] if marker in text else ""
+        specials = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        specials |= {i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        first = next((i for i in self._ids(tail) if i in specials), None)
+        if first is not None and first not in ids:
+            ids.append(int(first))
+        return tuple(ids)
+
     def encode_sampled(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> EncodedSequence:
         """The training sequence for a sampled response: ``prompt_ids + response_ids + [eos]``, masked on the
         response and EOS, consistent with ``encode``. ``response_ids`` comes from the sampler without EOS (one at its

@@ -255,10 +255,13 @@ def resolve_model_folder(path: str | Path) -> Path:
     if p.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
         raise ModelConfigError(f"{path}: model folder not found (expected a directory with config.json and "
                                f"*.safetensors, or a hub id like 'org/name').")
-    from huggingface_hub import snapshot_download
+    from jaxalign.models.hub import download_model
 
     try:
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        # config, tokenizer files and chat template, and one copy of the weights (safetensors; never the .bin twin)
+        return download_model(str(path))
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{path}: {e}") from None
     except Exception as e:
         raise ModelConfigError(f"{path}: could not fetch this hub model ({type(e).__name__}: {e}). Pass a local "
                                f"folder, or check the id and your network / HF_TOKEN.") from None
