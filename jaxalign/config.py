@@ -101,6 +101,10 @@ class Data:
     max_prompt_length: int = 512
     chat_template: str = ""  # a named fallback ("zephyr", "chatml") for tokenizers without one
     gold_metric: str = ""  # "demo" for the demo task's exact scorer
+    num_proc: int = 1  # tokenising workers (datasets.map); worth it from a few thousand rows up
+    # tokenised data cached on disk, keyed by the data, tokenizer, template and lengths: "auto" (<workdir>/cache, or
+    # ~/.cache/jaxalign for a gs:// work directory), "off", or a local folder
+    cache: str = "auto"
 
 
 @dataclasses.dataclass
@@ -201,6 +205,8 @@ class Sample:
     # The IRL reward model's rejected responses: one extra sample per prompt at this temperature (the IRL authors
     # sample near-greedily, 0.01); -1 = reuse the first of the policy samples (sample.temperature)
     negative_temperature: float = -1.0
+    # with sample.limit: each round takes the next sample.limit prompts (wrapping); false keeps round 1's (SPIN)
+    rotate: bool = True
 
 
 @dataclasses.dataclass
@@ -214,6 +220,16 @@ class Eval:
     # SFT on the demonstrations of data.eval_prompts, every eval_steps steps and at the end (0 = at the end only)
     eval_steps: int = 0
     heldout_limit: int = 256  # held-out examples per evaluation (full batches of the phase's batch_size)
+
+
+@dataclasses.dataclass
+class Export:
+    """What each phase's model folder (phases/<phase>/model) holds besides the weights, and where else it goes."""
+
+    dtype: str = ""  # "" = model.param_dtype; else a cast copy in phases/<phase>/export (float32 | bfloat16 | float16)
+    push_to_hub: bool = False  # upload each phase's model to the Hugging Face hub
+    hub_id: str = "{user}/{run}-{phase}"  # repository name template
+    hub_private: bool = True
 
 
 @dataclasses.dataclass
@@ -237,6 +253,7 @@ class Config:
     reward: Reward = dataclasses.field(default_factory=Reward)
     policy: Policy = dataclasses.field(default_factory=Policy)
     eval: Eval = dataclasses.field(default_factory=Eval)
+    export: Export = dataclasses.field(default_factory=Export)
     reliability: Reliability = dataclasses.field(default_factory=Reliability)
 
 

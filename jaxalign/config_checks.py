@@ -143,6 +143,8 @@ def validate(cfg, where: str = "config") -> None:
     number("eval.heldout_limit", e.heldout_limit, low=0)
     number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
     number("run.logging_steps", cfg.run.logging_steps, low=1)
+    number("data.num_proc", cfg.data.num_proc, low=1)
+    choice("export.dtype", cfg.export.dtype, ("",) + DTYPES)
     try:
         check_trackers(cfg.run.trackers)
     except TrackerError as e:

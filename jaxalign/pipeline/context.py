@@ -7,6 +7,7 @@ tunix passes typed ``TrainingInput``s): ``sft.run(ctx, phase)``, ``sample.run(ct
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer
 from jaxalign import config as config_lib
 from jaxalign import sharding
 from jaxalign.config import Config, ConfigError
+from jaxalign.data.cache import encode_records_cached
 from jaxalign.data.loader import length_buckets
 from jaxalign.data.report import DataReport
 from jaxalign.data.sources import load_records
@@ -52,6 +54,16 @@ class RunContext:
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
+
+
+def _cache_dir(cfg: Config, workdir: WorkDir) -> Path | None:
+    """data.cache: the tokenised-data cache is a local folder (a bucket work directory caches under ~/.cache)."""
+    if cfg.data.cache == "off":
+        return None
+    if cfg.data.cache != "auto":
+        return Path(cfg.data.cache)
+    root = str(workdir.root)
+    return Path.home() / ".cache" / "jaxalign" / "tokenized" if "://" in root else Path(root) / "cache" / "tokenized"
 
 
 def _read(ds, key: str, reports: list[DataReport]):
@@ -99,7 +111,8 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     eval_prefs = _read(cfg.data.eval_prefs, "data.eval_prefs", reports) if cfg.data.eval_prefs.source else []
     report = DataReport(name="data.train (tokenised)")
     task = "pairs" if cfg.run.method in ("dil", "dpo") else "sft"
-    train = encode_records(train_records, encoder, task, report)
+    train = encode_records_cached(train_records, encoder, task, report, cache_dir=_cache_dir(cfg, workdir),
+                                  num_proc=cfg.data.num_proc)
     reports.append(report)
     if not train:
         raise ConfigError("data.train: every row was dropped when tokenising (see the data report).")

@@ -6,6 +6,8 @@ import jax
 from etils import epath
 
 from jaxalign.models import read_params, read_reward_params, save_params
+from jaxalign.models.export import complete_export, converted_copy
+from jaxalign.models.hub import hub_repo_id, push_to_hub
 from jaxalign.sharding import to_host
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
@@ -28,4 +30,19 @@ def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, r
         params = {k: to_host(v) for k, v in params.items()}
     if jax.process_index() == 0:
         save_params(params, ctx.model_cfg, out, head="sequence_classification" if reward else "causal_lm")
+        export(ctx, out, phase, reward=reward)
     return out
+
+
+def export(ctx: RunContext, folder: epath.Path, phase: Phase, *, reward: bool) -> None:
+    """Make a phase's model folder complete for transformers (tokenizer, chat template, generation config with the
+    template's end-of-turn token, a pad id), then the ``export`` section: a cast copy, a hub upload. The folder later
+    phases read keeps the training dtype (a bfloat16 round trip between rounds would drop small updates)."""
+    cfg = ctx.cfg
+    complete_export(folder, tokenizer=ctx.tokenizer, chat_template=cfg.data.chat_template or None, reward=reward)
+    target = folder
+    if cfg.export.dtype and cfg.export.dtype != cfg.model.param_dtype:
+        target = converted_copy(folder, folder.parent / "export", cfg.export.dtype)
+    if cfg.export.push_to_hub:
+        push_to_hub(target, hub_repo_id(cfg.export.hub_id, run=cfg.run.name, phase=phase.name),
+                    private=cfg.export.hub_private)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxalign.config import Config
+from jaxalign.data.rotation import rotating_window
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.modelio import load_policy
 from jaxalign.pipeline.phases import Phase
@@ -35,15 +36,17 @@ def draw(ctx: RunContext, params, prompts: Sequence[Sequence[int]], *, num_sampl
                                 show_progress=ctx.cfg.run.show_progress)
 
 
-def prompts_of_round(ctx: RunContext) -> list:
-    """The demonstrations whose prompts the round answers (the first ``sample.limit``, or all)."""
+def prompts_of_round(ctx: RunContext, round_: int) -> list:
+    """The demonstrations whose prompts round ``round_`` answers: all, or ``sample.limit`` of them — the next ones each
+    round (``sample.rotate``, every prompt once before any twice) or round 1's every round (SPIN's setting)."""
     rows = ctx.demonstrations
-    return rows[: ctx.cfg.sample.limit] if ctx.cfg.sample.limit else rows
+    s = ctx.cfg.sample
+    return [rows[i] for i in rotating_window(len(rows), s.limit or None, round_ if s.rotate else 1)]
 
 
 def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     cfg = ctx.cfg
-    rows = prompts_of_round(ctx)
+    rows = prompts_of_round(ctx, phase.round)
     prompts = [e.prompt_ids.tolist() for e in rows]
     n = candidates_per_prompt(cfg)
     params = load_policy(ctx, ctx.workdir.policy_model(phase.round - 1))
