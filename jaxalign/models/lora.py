@@ -164,7 +164,7 @@ def tree_bytes(tree: Any) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-# ---- PEFT files --------------------------------------------------------------------------------------------------------
+# ---- PEFT files ------------------------------------------------------------------------------------------------------
 
 _LLAMA_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
                   "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
