@@ -158,7 +158,7 @@ def main():
                          f"{arg / 2**20:,.0f}", f"{tmp / 2**20:,.0f}", f"{(arg + tmp) / 2**20:,.0f}",
                          f"{compile_s:.0f}", f"{loss:.4f}"])
             print(" | ".join(rows[-1]), flush=True)
-    print_table(f"LoRA vs full fine-tuning step ({dev.device_kind}, {cfg.num_params() / 1e6:.0f}M params, "
+    print_table(f"LoRA vs full fine-tuning step ({dev.device_kind}, {cfg.num_params() / 1e6:.1f}M params, "
                 f"{args.batch} x {args.seq} tokens, median of {args.reps} steps)",
                 ["step", "train", "trainable", "tokens/s", "step s", "arguments MiB", "temporaries MiB",
                  "args + temp MiB", "compile s", "first loss"], rows)

@@ -13,7 +13,7 @@ from jaxalign import sharding
 from jaxalign.losses import dpo_loss, sequence_logprobs, sft_loss, token_logprobs
 from jaxalign.models import Decoder, forward, from_pretrained, logical_axes, save_pretrained
 from jaxalign.models.lora import (LoraConfig, adapter_logical_axes, init_adapters, join_trainable, load_peft_adapter,
-                                  merge, save_peft_adapter, split_trainable, tree_bytes)
+                                  merge, save_peft_adapter, split_trainable, trainable_logical_axes, tree_bytes)
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -201,6 +201,8 @@ def test_trainable_extra_names_and_bf16_frozen_base(hf_dir):
     adapters = _trained(init_adapters(cfg, lcfg, jax.random.PRNGKey(0)))
     tr, fr = split_trainable(params, adapters, trainable=("final_norm",), base_dtype=jnp.bfloat16)
     assert "final_norm" in tr and "final_norm" not in fr and tr["final_norm"].dtype == jnp.float32
+    axes = trainable_logical_axes(tr)
+    assert axes["final_norm"] == ("embed",) and axes["wq_lora_b"] == ("layers", "lora_rank", "heads", "head_dim")
     assert all(v.dtype == jnp.bfloat16 for v in fr.values())
     assert tree_bytes(fr) * 2 == tree_bytes({k: v for k, v in params.items() if k != "final_norm"})
     p, a = join_trainable(tr, fr)
@@ -320,3 +322,29 @@ def test_init_matches_peft_and_config_is_checked():
                 dict(rank=4, targets=())]:
         with pytest.raises(ValueError):
             LoraConfig(**bad)
+
+
+def test_reward_model_trains_adapters_and_its_head():
+    """The reward head stays trainable beside the adapters; its rewards move with both, the base is frozen."""
+    from jaxalign.losses import bradley_terry_loss
+    from jaxalign.models import ModelConfig, RewardModel, reward_forward
+
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, sliding_windows=(None,) * 2)
+    params = RewardModel(cfg).param_dict()
+    lcfg = LoraConfig(rank=2, targets=("q", "v"))
+    adapters = _trained(init_adapters(cfg, lcfg, jax.random.PRNGKey(0)))
+    tr, fr = split_trainable(params, adapters, trainable=("score",))
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 64, size=(4, 9)).astype(np.int32))
+
+    def loss(tr, fr):
+        p, a = join_trainable(tr, jax.lax.stop_gradient(fr))
+        r = reward_forward(p, cfg, ids, lora=(a, lcfg))
+        return bradley_terry_loss(r[:2], r[2:])[0]
+
+    g = jax.jit(jax.grad(loss))(tr, fr)
+    assert set(g) == {"score"} | set(adapters)
+    assert all(np.abs(np.asarray(v)).max() > 0 for v in g.values())
+    r_base = reward_forward(params, cfg, ids)
+    r_lora = reward_forward(params, cfg, ids, lora=(adapters, lcfg))
+    assert np.abs(np.asarray(r_lora) - np.asarray(r_base)).max() > 1e-4

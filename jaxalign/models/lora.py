@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.config import ModelConfig, ModelConfigError
-from jaxalign.models.decoder import LOGICAL_AXES, LORA_SPECS, param_shapes
+from jaxalign.models.decoder import LOGICAL_AXES, LORA_SPECS, logical_axes, param_shapes
 
 # config name -> the base param it adapts
 TARGETS: dict[str, str] = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up",
@@ -95,6 +95,12 @@ def adapter_logical_axes(adapters: dict[str, Any]) -> dict[str, tuple[str | None
         axes, k = LOGICAL_AXES[base], _in_dims(base)
         out[name] = (*axes[:1 + k], RANK_AXIS) if name.endswith(SUFFIX_A) else (axes[0], RANK_AXIS, *axes[1 + k:])
     return out
+
+
+def trainable_logical_axes(tree: dict[str, Any]) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of a dict mixing adapters and plain params (the ``trainable`` half of :func:`split_trainable`)."""
+    return {**logical_axes({k: v for k, v in tree.items() if not is_adapter(k)}),
+            **adapter_logical_axes({k: v for k, v in tree.items() if is_adapter(k)})}
 
 
 def init_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array) -> dict[str, jax.Array]:
