@@ -11,7 +11,7 @@ import pytest
 from hf_models import make_hf_model
 from jaxalign import sharding
 from jaxalign.losses import dpo_loss, sequence_logprobs, sft_loss, token_logprobs
-from jaxalign.models import Decoder, forward, from_pretrained, logical_axes, save_pretrained
+from jaxalign.models import Decoder, forward, from_pretrained, param_axes, save_pretrained
 from jaxalign.models.lora import (LoraConfig, adapter_logical_axes, init_adapters, join_trainable, load_peft_adapter,
                                   merge, save_peft_adapter, split_trainable, trainable_logical_axes, tree_bytes)
 
@@ -281,7 +281,7 @@ def test_sharded_adapters_follow_their_base(shape, hf_dir):
     params = from_pretrained(folder, mesh=mesh).param_dict()
     axes = adapter_logical_axes(adapters)
     a_shard = sharding.tree_shardings(adapters, axes, mesh)
-    p_shard = sharding.tree_shardings(params, logical_axes(params), mesh)
+    p_shard = sharding.tree_shardings(params, param_axes(params), mesh)
     for name, spec in a_shard.items():
         base = name.rsplit("_lora_", 1)[0]
         bspec, aspec = tuple(p_shard[base].spec), tuple(spec.spec)
@@ -344,6 +344,8 @@ def test_reward_model_trains_adapters_and_its_head():
 
     g = jax.jit(jax.grad(loss))(tr, fr)
     assert set(g) == {"score"} | set(adapters)
+    axes = trainable_logical_axes(tr)
+    assert axes["score"] == ("embed",) and axes["wv_lora_a"][-1] == "lora_rank"
     assert all(np.abs(np.asarray(v)).max() > 0 for v in g.values())
     r_base = reward_forward(params, cfg, ids)
     r_lora = reward_forward(params, cfg, ids, lora=(adapters, lcfg))

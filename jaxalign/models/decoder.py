@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.lora_layer import LoraApply, lora_delta
 from jaxalign.sharding import constrain
 
 # Logical axes of every parameter (see jaxalign.sharding.RULES). Names are the keys of the param dict.
@@ -54,18 +55,6 @@ TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias")
 # the per-layer weights, stacked on a leading "layers" axis and scanned over; anything else a caller keeps in the same
 # dict (a reward head, say) is not the decoder's business
 LAYER_NAMES = tuple(name for name, axes in LOGICAL_AXES.items() if axes[0] == "layers")
-# LoRA (jaxalign.models.lora): for each adaptable projection, the einsums of its two adapter factors in the x-first
-# form ``(x A) B`` — A maps the projection's input dims to the rank ``r``, B maps ``r`` to its output dims. Adapter
-# arrays are named ``<param>_lora_a`` / ``<param>_lora_b`` and are stacked over layers like their base matrix.
-LORA_SPECS: dict[str, tuple[str, str]] = {
-    "wq": ("bth,hr->btr", "btr,rnd->btnd"),
-    "wk": ("bth,hr->btr", "btr,rnd->btnd"),
-    "wv": ("bth,hr->btr", "btr,rnd->btnd"),
-    "wo": ("btnd,ndr->btr", "btr,rh->bth"),
-    "w_gate": ("bth,hr->btr", "btr,rf->btf"),
-    "w_up": ("bth,hr->btr", "btr,rf->btf"),
-    "w_down": ("btf,fr->btr", "btr,rh->bth"),
-}
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked (padding) row gives no NaN
 
 
@@ -261,24 +250,6 @@ def _mask(q_idx, kv_idx, kv_valid, window, q_seg=None, kv_seg=None):
     return m
 
 
-class LoraApply(NamedTuple):
-    """How :func:`forward` applies LoRA adapters: ``W x + scale * B (A drop(x))``; ``dropout`` is the rate applied to
-    the adapter input when a dropout key is given (training), never at eval."""
-
-    scale: float
-    dropout: float = 0.0
-
-
-def _lora_delta(name: str, x, p, lora: LoraApply, key, dt):
-    """``scale * B (A x)`` for base projection ``name`` (x-first: ``B A`` is never formed)."""
-    spec_a, spec_b = LORA_SPECS[name]
-    if key is not None and lora.dropout > 0.0:
-        keep = jax.random.bernoulli(jax.random.fold_in(key, list(LORA_SPECS).index(name)), 1.0 - lora.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
-    u = _proj(spec_a, x, p[name + "_lora_a"].astype(dt)) * jnp.asarray(lora.scale, dt)
-    return _proj(spec_b, u, p[name + "_lora_b"].astype(dt))
-
-
 def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, seg, cache_kv, cache_index,
            lora: LoraApply | None = None, lora_key=None):
     dt = jnp.dtype(cfg.dtype)
@@ -287,7 +258,7 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
     def _proj_w(spec, y, name):
         out = _proj(spec, y, c(name))
         if lora is not None and name + "_lora_a" in p:
-            out = out + _lora_delta(name, y, p, lora, lora_key, dt)
+            out = out + lora_delta(name, y, p, lora, lora_key, dt, _proj)
         return out
 
     if cfg.family == "neox":

@@ -6,7 +6,8 @@ Adapters live in a flat dict beside the base params, stacked over layers like th
 ``<param>_lora_a`` holds A with the base matrix's input dims then the rank (``wq_lora_a`` [layers, embed, r],
 ``wo_lora_a`` [layers, heads, head_dim, r]) and ``<param>_lora_b`` holds B with the rank then the output dims
 (``wq_lora_b`` [layers, r, heads, head_dim]). :func:`jaxalign.models.decoder.forward` applies them with
-``lora=(adapters, lora_cfg)``; :func:`merge` folds them into the weights for export and sampling.
+``lora=(adapters, lora_cfg)`` (the per-layer term is in :mod:`jaxalign.models.lora_layer`); :func:`merge` folds them
+into the weights for export and sampling.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.config import ModelConfig, ModelConfigError
-from jaxalign.models.decoder import LOGICAL_AXES, LORA_SPECS, logical_axes, param_shapes
+from jaxalign.models.axes import param_axes
+from jaxalign.models.decoder import LOGICAL_AXES, param_shapes
+from jaxalign.models.lora_layer import LORA_SPECS
 
 # config name -> the base param it adapts
 TARGETS: dict[str, str] = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up",
@@ -99,7 +102,7 @@ def adapter_logical_axes(adapters: dict[str, Any]) -> dict[str, tuple[str | None
 
 def trainable_logical_axes(tree: dict[str, Any]) -> dict[str, tuple[str | None, ...]]:
     """Logical axes of a dict mixing adapters and plain params (the ``trainable`` half of :func:`split_trainable`)."""
-    return {**logical_axes({k: v for k, v in tree.items() if not is_adapter(k)}),
+    return {**param_axes({k: v for k, v in tree.items() if not is_adapter(k)}),
             **adapter_logical_axes({k: v for k, v in tree.items() if is_adapter(k)})}
 
 
