@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.lora_layer import LoraApply, lora_delta
 from jaxalign.sharding import constrain
 
 # Logical axes of every parameter (see jaxalign.sharding.RULES). Names are the keys of the param dict.
@@ -249,17 +250,24 @@ def _mask(q_idx, kv_idx, kv_valid, window, q_seg=None, kv_seg=None):
     return m
 
 
-def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, seg, cache_kv, cache_index):
+def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, seg, cache_kv, cache_index,
+           lora: LoraApply | None = None, lora_key=None):
     dt = jnp.dtype(cfg.dtype)
     c = lambda name: p[name].astype(dt)  # noqa: E731 - fp32 master weights, compute in cfg.dtype
+
+    def _proj_w(spec, y, name):
+        out = _proj(spec, y, c(name))
+        if lora is not None and name + "_lora_a" in p:
+            out = out + lora_delta(name, y, p, lora, lora_key, dt, _proj)
+        return out
 
     if cfg.family == "neox":
         h = _layer_norm(x, p["attn_norm"], p["attn_norm_bias"], cfg.norm_eps)
     else:
         h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = _proj("bth,hnd->btnd", h, c("wq"))
-    k = _proj("bth,hkd->btkd", h, c("wk"))
-    v = _proj("bth,hkd->btkd", h, c("wv"))
+    q = _proj_w("bth,hnd->btnd", h, "wq")
+    k = _proj_w("bth,hkd->btkd", h, "wk")
+    v = _proj_w("bth,hkd->btkd", h, "wv")
     if cfg.qkv_bias:
         q, k, v = q + c("bq"), k + c("bk"), v + c("bv")
     if cfg.qk_norm:
@@ -282,23 +290,23 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
     # 12-head layer: forward 42 -> 31 ms, forward+backward 106 -> 70 ms); with a cache, keys are cache slots
     block = _causal_block(q.shape[1]) if cache_kv is None and _platform() == "cpu" else None
     attn = _attention(q, k, v, mask, dt, causal_block=block)
-    attn = _proj("btnd,ndh->bth", attn, c("wo"))
+    attn = _proj_w("btnd,ndh->bth", attn, "wo")
     if cfg.o_bias:
         attn = attn + c("bo")
 
     def mlp(y):
-        up = _proj("bth,hf->btf", y, c("w_up"))
+        up = _proj_w("bth,hf->btf", y, "w_up")
         if cfg.mlp_bias:
             up = up + c("b_up")
         if cfg.family == "neox":
             act = _activation(cfg.activation, up)
         else:
-            gate = _proj("bth,hf->btf", y, c("w_gate"))
+            gate = _proj_w("bth,hf->btf", y, "w_gate")
             if cfg.mlp_bias:
                 gate = gate + c("b_gate")
             act = _activation(cfg.activation, gate) * up
         act = constrain(act, ("batch", "length", "mlp"))
-        out = _proj("btf,fh->bth", act, c("w_down"))
+        out = _proj_w("btf,fh->bth", act, "w_down")
         return out + c("b_down") if cfg.mlp_bias else out
 
     if cfg.family == "neox":
@@ -331,6 +339,8 @@ def forward(
     cache_index: jax.Array | int | None = None,
     kv_mask: jax.Array | None = None,
     return_hidden: bool = False,
+    lora: tuple[dict[str, jax.Array], Any] | None = None,
+    dropout_rng: jax.Array | None = None,
 ):
     """Logits ``[B, T, V]`` (or final hidden states ``[B, T, H]`` with ``return_hidden``) for ``input_ids [B, T]``.
 
@@ -339,6 +349,10 @@ def forward(
     - ``segment_ids [B, T]``: packed documents attend only within their segment (pass ``positions`` restarting per doc).
     - ``cache``: decoding. The new tokens are written at slots ``cache_index .. cache_index + T - 1`` of the cache and
       attend to every earlier slot whose ``kv_mask [B, S]`` entry is true. Returns ``(logits, new_cache)``.
+    - ``lora=(adapters, lora_cfg)``: LoRA adapters (``jaxalign.models.lora.init_adapters``) added to their base
+      projections as ``W x + (alpha / r) B (A x)`` inside the layer loop; ``lora_cfg`` needs ``.scale`` and
+      ``.dropout``. ``dropout_rng`` turns on dropout of the adapter inputs (training); without it there is none.
+      ``lora=None`` (or no adapters) is the plain forward, op for op.
     """
     b, t = input_ids.shape
     dt = jnp.dtype(cfg.dtype)
@@ -365,18 +379,27 @@ def forward(
     x = jnp.take(table, input_ids, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "embed"))
     layer_params = {k: v for k, v in params.items() if k in LAYER_NAMES}
+    lora_apply, layer_keys = None, None
+    if lora is not None and lora[0]:
+        adapters, lora_cfg = lora
+        # the adapters are stacked over layers like the base, so they ride in the same scanned slice per layer
+        layer_params = {**layer_params, **adapters}
+        lora_apply = LoraApply(float(lora_cfg.scale), float(lora_cfg.dropout))
+        if dropout_rng is not None and lora_apply.dropout > 0.0:
+            layer_keys = jax.random.split(dropout_rng, cfg.num_layers)
 
     def body(x, xs):
-        p, window = xs
-        return _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids, None, 0)[0], None
+        p, window, key = xs
+        return _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids, None, 0,
+                      lora_apply, key)[0], None
 
     def cached_body(carry, xs):
         # the cache rides in the carry and is updated in place per layer: as scanned inputs/outputs it would be
         # copied into a second buffer at every decode step (twice the cache memory, a full cache copy per token)
         x, ck, cv = carry
-        p, window, layer = xs
+        p, window, layer, key = xs
         x, (ck, cv) = _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids,
-                             (ck, cv, layer), cache_index)
+                             (ck, cv, layer), cache_index, lora_apply, key)
         return (x, ck, cv), None
 
     if cfg.remat != "none":
@@ -389,10 +412,11 @@ def forward(
     # keep the loop: there, depth-independent compile time matters and the loop's overhead does not.
     unroll = cfg.num_layers if _platform() == "cpu" else 1
     if cache is None:
-        x, _ = jax.lax.scan(body, x, (layer_params, windows), unroll=unroll)
+        x, _ = jax.lax.scan(body, x, (layer_params, windows, layer_keys), unroll=unroll)
     else:
         (x, ck, cv), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
-                                      (layer_params, windows, jnp.arange(cfg.num_layers)), unroll=unroll)
+                                      (layer_params, windows, jnp.arange(cfg.num_layers), layer_keys),
+                                      unroll=unroll)
         new_kv = (ck, cv)
 
     if cfg.family == "neox":
