@@ -151,7 +151,11 @@ def run_loop(
             if stop:
                 checkpointer.wait()
                 raise Preempted(phase, step)
-    if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, it, {"phase": phase, "step": step}, force=True)
-    checkpointer.wait()
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, it, {"phase": phase, "step": step}, force=True)
+        checkpointer.wait()
+        # a signal that arrived after the last step's check (while its checkpoint was written) still stops the run:
+        # the phase is not marked finished, and a re-run resumes from that checkpoint
+        if guard.agreed():
+            raise Preempted(phase, step)
     return state
