@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models.decoder import _attention, _causal_block, _mask
+from jaxalign.models.ops import attention, attention_mask, causal_block
 
 
 def main():
@@ -38,14 +38,14 @@ def main():
     w_np = r.randn(b, t, n, d).astype(np.float32)
     q, k, v, w = map(jnp.asarray, (q_np, k_np, v_np, w_np))
     idx = jnp.arange(t)
-    mask = _mask(idx, idx, jnp.ones((b, t), bool), 10**9)
+    mask = attention_mask(idx, idx, jnp.ones((b, t), bool), 10**9)
 
     fns, grads = {}, {}
-    cb = _causal_block(t)
+    cb = causal_block(t)
     blocked = f"jaxalign causal blocks of {cb}" + (" (T fits one: = full)" if t <= cb else "")
     for name, block in (("jaxalign full", None), (blocked, cb)):
         def attend(q, k, v, block=block):
-            return _attention(q, k, v, mask, jnp.float32, causal_block=block)
+            return attention(q, k, v, mask, jnp.float32, causal_block=block)
 
         fwd = jax.jit(attend)
         bwd = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v) * w), argnums=(0, 1, 2)))

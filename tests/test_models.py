@@ -66,7 +66,7 @@ def test_long_rows_match_transformers(variant, hf_dir):
 
 def test_causal_blocks_equal_full_attention():
     """Blocked causal attention (CPU) gives the full form's outputs and gradients under padding, windows, segments."""
-    from jaxalign.models.decoder import _attention, _mask
+    from jaxalign.models.ops import attention, attention_mask
 
     b, t, n, kh, d = 3, 150, 4, 2, 8
     r = np.random.RandomState(0)
@@ -79,11 +79,11 @@ def test_causal_blocks_equal_full_attention():
     seg[0, 70:] = 1  # two packed documents, the second starting inside the second block
     idx = jnp.arange(t)
     for window, segments in ((10**9, None), (40, None), (10**9, jnp.asarray(seg))):
-        mask = _mask(idx, idx, jnp.asarray(valid), window, segments, segments)
+        mask = attention_mask(idx, idx, jnp.asarray(valid), window, segments, segments)
 
         def f(q, k, v, block):
             # rows with no visible key (left padding) are garbage in both forms and masked downstream: left out
-            out = _attention(q, k, v, mask, jnp.float32, causal_block=block) * valid[:, :, None, None]
+            out = attention(q, k, v, mask, jnp.float32, causal_block=block) * valid[:, :, None, None]
             return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
 
         (_, full), g_full = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v, None)

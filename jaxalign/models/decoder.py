@@ -10,9 +10,6 @@ with a parameter dict inside jitted train and sampling steps.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.models import ops
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.lora_layer import LoraApply, lora_delta
 from jaxalign.sharding import constrain
@@ -55,7 +53,6 @@ TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias")
 # the per-layer weights, stacked on a leading "layers" axis and scanned over; anything else a caller keeps in the same
 # dict (a reward head, say) is not the decoder's business
 LAYER_NAMES = tuple(name for name, axes in LOGICAL_AXES.items() if axes[0] == "layers")
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked (padding) row gives no NaN
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -117,164 +114,31 @@ class KVCache(NamedTuple):
 
 # ---- building blocks ---------------------------------------------------------------------------------------------
 
-def _rms_norm(x, scale, eps):
-    # transformers: normalise in float32, cast back, then multiply by the weight
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * xf.astype(x.dtype)
-
-
-def _layer_norm(x, scale, bias, eps):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def _activation(name: str, x):
-    if name == "silu":
-        return jax.nn.silu(x)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _rope(x, positions, inv_freq, rotary_dim):
-    """Rotate the first ``rotary_dim`` features of each head (rotate-half convention, as transformers)."""
-    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rot/2]
-    emb = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
-    return jnp.concatenate([x_rot, x_pass], axis=-1) if x_pass.shape[-1] else x_rot
-
-
-def _attention(q, k, v, mask, dtype, causal_block: int | None = None):
-    """q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,N,D]. GQA by grouping query heads per KV head.
-
-    On GPU in half precision the fused cuDNN kernel (flash attention) is used: it never materialises the [T, S]
-    score matrix, which the einsum form below does (fine on CPU and for the parity tests, memory-bound on a GPU).
-
-    ``causal_block``: the mask is causal on slots (query slot i sees key slots <= i, S == T). Queries are then taken
-    in blocks of this many rows and each block scores only the keys up to its last row: the keys it skips are all
-    masked anyway, so close to half the score and value matmuls disappear (PyTorch's CPU SDPA skips them too).
-    """
-    if dtype in (jnp.bfloat16, jnp.float16) and _platform() == "gpu":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    t = q.shape[1]
-    if causal_block and t > causal_block:
-        outs = []
-        for lo in range(0, t, causal_block):
-            hi = min(lo + causal_block, t)
-            outs.append(_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi], dtype))
-        return jnp.concatenate(outs, axis=1)
-    b, t, n, d = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d).astype(np.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, n, d)
-
-
-def _causal_block(t: int) -> int:
-    """Query rows per causal block: at least 64 (smaller matmuls lose more than the skipped work saves on CPU), at
-    most 8 blocks (each is its own group of matmuls in the program)."""
-    return max(64, -(-t // 8 // 64) * 64)
-
-
-# The platform the traced program is compiled for: the default backend, unless a caller compiles for another one
-# (jaxalign.plan traces on a CPU host for a TPU slice). jax.lax.platform_dependent would decide at lowering instead,
-# but under autodiff XLA:CPU then drops the barrier _proj_cpu relies on.
-_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxalign_target_platform", default=None)
-
-
-@contextlib.contextmanager
-def target_platform(platform: str):
-    """Trace the decoder for ``platform`` ("cpu", "gpu", "tpu") whatever the default backend is."""
-    token = _TARGET_PLATFORM.set(platform)
-    try:
-        yield
-    finally:
-        _TARGET_PLATFORM.reset(token)
-
-
-def _platform() -> str:
-    return _TARGET_PLATFORM.get() or jax.default_backend()
-
-
-def _proj(spec: str, x, w):
-    """``jnp.einsum(spec, x, w)`` for a projection; on XLA:CPU through ``_proj_cpu`` (see there)."""
-    if _platform() == "cpu":
-        return _proj_cpu(spec, x, w)
-    return jnp.einsum(spec, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _proj_cpu(spec, x, w):
-    return jnp.einsum(spec, x, w)
-
-
-def _proj_cpu_fwd(spec, x, w):
-    return jnp.einsum(spec, x, w), (x, w)
-
-
-def _proj_cpu_bwd(spec, res, dy):
-    # Same gradients as autodiff, but the incoming cotangent is materialised first. Otherwise XLA:CPU fuses the
-    # elementwise backward that produces it (SwiGLU's, the norms') with the transpose the weight-gradient matmul
-    # wants, into one untiled loop reading several arrays in transposed order (with other jobs on the machine, 1.35 s
-    # of an 8.7 s 2-layer ~100M step went there; quiet, a 2-layer hidden-64 B=8 T=128 step is ~20% faster without it).
-    # The weight gradient is written x-first ("bth,btf->hf"): autodiff's transpose rule writes it cotangent-first
-    # and then transposes, which makes XLA:CPU lay the cotangent out transposed again, barrier or not.
-    x, w = res
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
-    dy = jax.lax.optimization_barrier(dy)
-    return (jnp.einsum(f"{out},{rhs}->{lhs}", dy, w).astype(x.dtype),
-            jnp.einsum(f"{lhs},{out}->{rhs}", x, dy).astype(w.dtype))
-
-
-_proj_cpu.defvjp(_proj_cpu_fwd, _proj_cpu_bwd)
-
-
-def _mask(q_idx, kv_idx, kv_valid, window, q_seg=None, kv_seg=None):
-    """Causal mask on slot indices (index gaps equal position gaps for contiguous rows), padding and sliding window."""
-    m = (kv_idx[None, None, :] <= q_idx[None, :, None]) & kv_valid[:, None, :]
-    m = m & (q_idx[None, :, None] - kv_idx[None, None, :] < window)
-    if q_seg is not None:
-        m = m & (q_seg[:, :, None] == kv_seg[:, None, :])
-    return m
-
-
 def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, seg, cache_kv, cache_index,
            lora: LoraApply | None = None, lora_key=None):
     dt = jnp.dtype(cfg.dtype)
     c = lambda name: p[name].astype(dt)  # noqa: E731 - fp32 master weights, compute in cfg.dtype
 
     def _proj_w(spec, y, name):
-        out = _proj(spec, y, c(name))
+        out = ops.proj(spec, y, c(name))
         if lora is not None and name + "_lora_a" in p:
-            out = out + lora_delta(name, y, p, lora, lora_key, dt, _proj)
+            out = out + lora_delta(name, y, p, lora, lora_key, dt, ops.proj)
         return out
 
     if cfg.family == "neox":
-        h = _layer_norm(x, p["attn_norm"], p["attn_norm_bias"], cfg.norm_eps)
+        h = ops.layer_norm(x, p["attn_norm"], p["attn_norm_bias"], cfg.norm_eps)
     else:
-        h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        h = ops.rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = _proj_w("bth,hnd->btnd", h, "wq")
     k = _proj_w("bth,hkd->btkd", h, "wk")
     v = _proj_w("bth,hkd->btkd", h, "wv")
     if cfg.qkv_bias:
         q, k, v = q + c("bq"), k + c("bk"), v + c("bv")
     if cfg.qk_norm:
-        q = _rms_norm(q, p["q_norm"], cfg.norm_eps)
-        k = _rms_norm(k, p["k_norm"], cfg.norm_eps)
-    q = _rope(q, positions, inv_freq, cfg.rotary_dim)
-    k = _rope(k, positions, inv_freq, cfg.rotary_dim)
+        q = ops.rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = ops.rms_norm(k, p["k_norm"], cfg.norm_eps)
+    q = ops.rope(q, positions, inv_freq, cfg.rotary_dim)
+    k = ops.rope(k, positions, inv_freq, cfg.rotary_dim)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
     new_cache = None
@@ -285,11 +149,10 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, cache_index, 0, 0))
         new_cache = (ck, cv)
         k, v = ck[layer].astype(dt), cv[layer].astype(dt)
-    mask = _mask(q_idx, kv_idx, kv_valid, window, seg, seg)
-    # skip the masked upper triangle where that was measured to pay (XLA:CPU; benchmarks/attention.py, a B=4 T=256
-    # 12-head layer: forward 42 -> 31 ms, forward+backward 106 -> 70 ms); with a cache, keys are cache slots
-    block = _causal_block(q.shape[1]) if cache_kv is None and _platform() == "cpu" else None
-    attn = _attention(q, k, v, mask, dt, causal_block=block)
+    mask = ops.attention_mask(q_idx, kv_idx, kv_valid, window, seg, seg)
+    # skip the masked upper triangle where that pays (XLA:CPU; docs/performance.md); with a cache, keys are cache slots
+    block = ops.causal_block(q.shape[1]) if cache_kv is None and ops.platform() == "cpu" else None
+    attn = ops.attention(q, k, v, mask, dt, causal_block=block)
     attn = _proj_w("btnd,ndh->bth", attn, "wo")
     if cfg.o_bias:
         attn = attn + c("bo")
@@ -299,25 +162,25 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
         if cfg.mlp_bias:
             up = up + c("b_up")
         if cfg.family == "neox":
-            act = _activation(cfg.activation, up)
+            act = ops.activation(cfg.activation, up)
         else:
             gate = _proj_w("bth,hf->btf", y, "w_gate")
             if cfg.mlp_bias:
                 gate = gate + c("b_gate")
-            act = _activation(cfg.activation, gate) * up
+            act = ops.activation(cfg.activation, gate) * up
         act = constrain(act, ("batch", "length", "mlp"))
         out = _proj_w("btf,fh->bth", act, "w_down")
         return out + c("b_down") if cfg.mlp_bias else out
 
     if cfg.family == "neox":
         if cfg.parallel_residual:
-            x = x + attn + mlp(_layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps))
+            x = x + attn + mlp(ops.layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps))
         else:
             x = x + attn
-            x = x + mlp(_layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps))
+            x = x + mlp(ops.layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps))
     else:
         x = x + attn
-        x = x + mlp(_rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+        x = x + mlp(ops.rms_norm(x, p["mlp_norm"], cfg.norm_eps))
     return constrain(x, ("batch", "length", "embed")), new_cache
 
 
@@ -407,10 +270,9 @@ def forward(
             raise ValueError(f"remat={cfg.remat!r}; choose one of none, {', '.join(_REMAT_POLICIES)}")
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     # On XLA:CPU the layer loop costs per-layer weight slices, stacked residual and gradient writes and their zero
-    # fills; unrolled, the forward+backward measured 66 -> 58 ms at the demo's size and 14.9 -> 12.8 s for the
-    # 12-layer ~100M benchmark model, for a compile that grows with depth (that model: ~17 -> ~21 s). Accelerators
-    # keep the loop: there, depth-independent compile time matters and the loop's overhead does not.
-    unroll = cfg.num_layers if _platform() == "cpu" else 1
+    # fills, more than unrolling it costs in compile time (docs/performance.md). Accelerators keep the loop: there,
+    # depth-independent compile time matters and the loop's overhead does not.
+    unroll = cfg.num_layers if ops.platform() == "cpu" else 1
     if cache is None:
         x, _ = jax.lax.scan(body, x, (layer_params, windows, layer_keys), unroll=unroll)
     else:
@@ -420,14 +282,14 @@ def forward(
         new_kv = (ck, cv)
 
     if cfg.family == "neox":
-        x = _layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
+        x = ops.layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
     else:
-        x = _rms_norm(x, params["final_norm"], cfg.norm_eps)
+        x = ops.rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:
         out = x
     else:
         head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-        out = _proj("bth,hv->btv", x, head.astype(dt))
+        out = ops.proj("bth,hv->btv", x, head.astype(dt))
         out = constrain(out, ("batch", "length", "vocab"))
     if cache is None:
         return out

@@ -21,93 +21,8 @@ import numpy as np
 
 from jaxalign.models.config import ModelConfig, ModelConfigError, load_config
 from jaxalign.models.decoder import LAYER_NAMES, LOGICAL_AXES, TOP_LEVEL, param_shapes
-
-# ---- name mapping --------------------------------------------------------------------------------------------------
-
-def _prefix(cfg: ModelConfig) -> str:
-    return "gpt_neox." if cfg.family == "neox" else "model."
-
-
-def _top_names(cfg: ModelConfig) -> dict[str, str]:
-    """jaxalign top-level param -> HF tensor name (backbone part, i.e. without the LM head)."""
-    pre = _prefix(cfg)
-    if cfg.family == "neox":
-        return {"embed": pre + "embed_in.weight", "final_norm": pre + "final_layer_norm.weight",
-                "final_norm_bias": pre + "final_layer_norm.bias"}
-    return {"embed": pre + "embed_tokens.weight", "final_norm": pre + "norm.weight"}
-
-
-def _lm_head_name(cfg: ModelConfig) -> str:
-    return "embed_out.weight" if cfg.family == "neox" else "lm_head.weight"
-
-
-def _layer_sources(cfg: ModelConfig, name: str) -> str:
-    """HF tensor suffix (after ``{prefix}layers.{i}.``) that holds jaxalign layer param ``name``."""
-    if cfg.family == "neox":
-        return {
-            "attn_norm": "input_layernorm.weight", "attn_norm_bias": "input_layernorm.bias",
-            "mlp_norm": "post_attention_layernorm.weight", "mlp_norm_bias": "post_attention_layernorm.bias",
-            "wq": "attention.query_key_value.weight", "wk": "attention.query_key_value.weight",
-            "wv": "attention.query_key_value.weight", "bq": "attention.query_key_value.bias",
-            "bk": "attention.query_key_value.bias", "bv": "attention.query_key_value.bias",
-            "wo": "attention.dense.weight", "bo": "attention.dense.bias",
-            "w_up": "mlp.dense_h_to_4h.weight", "b_up": "mlp.dense_h_to_4h.bias",
-            "w_down": "mlp.dense_4h_to_h.weight", "b_down": "mlp.dense_4h_to_h.bias",
-        }[name]
-    return {
-        "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-        "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-        "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
-        "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-        "wo": "self_attn.o_proj.weight", "bo": "self_attn.o_proj.bias",
-        "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
-        "b_gate": "mlp.gate_proj.bias", "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias",
-    }[name]
-
-
-def _hf_to_layer(cfg: ModelConfig, name: str, t: np.ndarray) -> np.ndarray:
-    """One HF layer tensor -> this layer's slice of jaxalign param ``name``."""
-    H, N, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if cfg.family == "neox" and name in ("wq", "wk", "wv", "bq", "bk", "bv"):
-        j = "qkv".index(name[1])
-        # fused rows are laid out [head, (q|k|v), head_dim]
-        if name[0] == "w":
-            return t.reshape(N, 3, D, H)[:, j].transpose(2, 0, 1)
-        return t.reshape(N, 3, D)[:, j]
-    if name in ("wq", "wk", "wv"):
-        return t.T.reshape(H, N if name == "wq" else K, D)
-    if name in ("bq", "bk", "bv"):
-        return t.reshape(N if name == "bq" else K, D)
-    if name == "wo":
-        return t.T.reshape(N, D, H)
-    if name in ("w_gate", "w_up", "w_down"):
-        return t.T
-    return t
-
-
-def _layer_to_hf(cfg: ModelConfig, layer: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This layer's jaxalign params -> HF tensor suffix -> tensor (inverse of :func:`_hf_to_layer`)."""
-    H, N, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    out: dict[str, np.ndarray] = {}
-    if cfg.family == "neox":
-        w = np.stack([layer["wq"], layer["wk"], layer["wv"]], axis=2)  # [H, N, 3, D]
-        out["attention.query_key_value.weight"] = w.reshape(H, N * 3 * D).T
-        if "bq" in layer:
-            out["attention.query_key_value.bias"] = np.stack([layer["bq"], layer["bk"], layer["bv"]], 1).reshape(-1)
-    for name, v in layer.items():
-        if cfg.family == "neox" and name in ("wq", "wk", "wv", "bq", "bk", "bv"):
-            continue
-        if name in ("wq", "wk", "wv"):
-            v = v.reshape(H, -1).T
-        elif name in ("bq", "bk", "bv"):
-            v = v.reshape(-1)
-        elif name == "wo":
-            v = v.reshape(N * D, H).T
-        elif name in ("w_gate", "w_up", "w_down"):
-            v = v.T
-        out[_layer_sources(cfg, name)] = v
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
+from jaxalign.models.hf_names import (hf_prefix, hf_to_layer, hf_top_names, layer_sources, layer_to_hf,
+                                     lm_head_name)
 
 # ---- reading safetensors -------------------------------------------------------------------------------------------
 
@@ -217,11 +132,11 @@ def read_params(folder: Path, cfg: ModelConfig, *, mesh=None, prefix_override: s
     if not include_lm_head:
         shapes.pop("lm_head", None)
     dtype = jnp.dtype(cfg.param_dtype)
-    top = _top_names(cfg)
+    top = hf_top_names(cfg)
     if prefix_override is not None:
-        top = {k: v.replace(_prefix(cfg), prefix_override, 1) for k, v in top.items()}
+        top = {k: v.replace(hf_prefix(cfg), prefix_override, 1) for k, v in top.items()}
     if "lm_head" in shapes:
-        top["lm_head"] = _lm_head_name(cfg)
+        top["lm_head"] = lm_head_name(cfg)
     out: dict[str, jax.Array] = {}
     for name, shape in shapes.items():
         sharding = None if mesh is None else named_sharding(LOGICAL_AXES[name], shape, mesh)
@@ -231,16 +146,16 @@ def read_params(folder: Path, cfg: ModelConfig, *, mesh=None, prefix_override: s
             out[name] = _place(t.T if name == "lm_head" else t, sharding, dtype)
             continue
         layer_sharding = None if mesh is None else named_sharding(LOGICAL_AXES[name][1:], shape[1:], mesh)
-        pre = (prefix_override or _prefix(cfg)) + "layers.{}." + _layer_sources(cfg, name)
+        pre = (prefix_override or hf_prefix(cfg)) + "layers.{}." + layer_sources(cfg, name)
         if mesh is None:
             out[name] = jnp.asarray(np.stack([
-                _hf_to_layer(cfg, name, ckpt.get(pre.format(i), _hf_shape(cfg, name))).astype(dtype)
+                hf_to_layer(cfg, name, ckpt.get(pre.format(i), _hf_shape(cfg, name))).astype(dtype)
                 for i in range(cfg.num_layers)]))
             continue
         stacked = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
         update = _set_layer_fn(sharding)
         for i in range(cfg.num_layers):
-            layer = _hf_to_layer(cfg, name, ckpt.get(pre.format(i), _hf_shape(cfg, name)))
+            layer = hf_to_layer(cfg, name, ckpt.get(pre.format(i), _hf_shape(cfg, name)))
             stacked = update(stacked, _place(np.ascontiguousarray(layer), layer_sharding, dtype), i)
             del layer
         out[name] = stacked
@@ -327,18 +242,19 @@ def _hf_config_dict(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
     return d
 
 
-def _iter_hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array], with_lm_head: bool) -> Iterator[tuple[str, np.ndarray]]:
+def _iter_hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array],
+                     with_lm_head: bool) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, tensor) pairs, one layer at a time, so saving holds one layer on the host."""
-    pre = _prefix(cfg)
-    for name, hf in _top_names(cfg).items():
+    pre = hf_prefix(cfg)
+    for name, hf in hf_top_names(cfg).items():
         yield hf, np.asarray(jax.device_get(params[name]))
     layer_names = [k for k in params if k in LAYER_NAMES]
     for i in range(cfg.num_layers):
         layer = {k: np.asarray(jax.device_get(params[k][i])) for k in layer_names}
-        for suffix, t in _layer_to_hf(cfg, layer).items():
+        for suffix, t in layer_to_hf(cfg, layer).items():
             yield f"{pre}layers.{i}.{suffix}", t
     if with_lm_head and not cfg.tie_word_embeddings:
-        yield _lm_head_name(cfg), np.asarray(jax.device_get(params["lm_head"])).T
+        yield lm_head_name(cfg), np.asarray(jax.device_get(params["lm_head"])).T
 
 
 def write_checkpoint(folder: str | Path, config: dict[str, Any], tensors: Iterator[tuple[str, np.ndarray]],

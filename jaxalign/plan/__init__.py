@@ -64,7 +64,7 @@ def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn
         jax.config.update("jax_platforms", "cpu")
     except Exception:
         pass
-    from jaxalign.models.decoder import target_platform
+    from jaxalign.models.ops import target_platform
 
     sl = get_slice(topology)
     mcfg = model_config(cfg)
