@@ -25,6 +25,7 @@ from jaxalign.data.tokenize import ChatEncoder, EncodedRecord, encode_records, p
 from jaxalign.models.config import ModelConfig, load_config
 from jaxalign.models.hf_io import resolve_model_folder
 from jaxalign.pipeline.demo_task import build_demo_assets
+from jaxalign.pipeline.hosts import barrier, process_zero_first
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.workdir import WorkDir
 
@@ -79,7 +80,8 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     anything compiles; writes ``run.yaml`` once it all checks out."""
     workdir.check_owner(cfg, force=force)
     if cfg.run.demo_task:
-        assets = build_demo_assets(workdir.assets, seed=cfg.run.seed)
+        assets = process_zero_first(lambda: build_demo_assets(workdir.assets, seed=cfg.run.seed),
+                                    "jaxalign: demo assets built")
         cfg.model.path = cfg.model.path or str(assets.model_dir)
         cfg.model.tokenizer = cfg.model.tokenizer or str(assets.tokenizer_dir)
         cfg.data.train.source = cfg.data.train.source or str(assets.train_file)
@@ -127,6 +129,7 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
         raise ConfigError(f"{e} (jax platform: {jax.devices()[0].platform})") from None
     _check_batches(cfg, phases, mesh)
     (workdir.root / "phases").mkdir(parents=True, exist_ok=True)
+    barrier("jaxalign: context built")  # every process has read run.yaml (check_owner) before process 0 rewrites it
     if jax.process_index() == 0:
         workdir.run_yaml.write_text(config_lib.dump(cfg))
     return RunContext(cfg=cfg, workdir=workdir, phases=phases, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer,

@@ -9,6 +9,7 @@ start, before anything compiles. Between phases every process waits for process 
 from __future__ import annotations
 
 import uuid
+from typing import Callable, TypeVar
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from jax.experimental import multihost_utils
 from jaxalign.config import ConfigError
 
 TOKEN_FILE = ".jaxalign-hosts"
+T = TypeVar("T")
 
 
 def _token_bits(token: str) -> np.ndarray:
@@ -57,3 +59,15 @@ def barrier(name: str) -> None:
     """Every process waits here until all arrive (after process 0's writes of a finished phase)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def process_zero_first(build: Callable[[], T], name: str) -> T:
+    """``build()`` on process 0, then on every other process once process 0 is done.
+
+    For idempotent builders of files in the shared work directory (the demo assets): the others find process 0's
+    finished files and reuse them instead of racing its writes (a second writer would delete and rewrite the folder
+    process 0 is filling). Where the builder writes to each host's own disk instead, every host builds its own copy,
+    which must then be a deterministic function of the arguments."""
+    result = build() if jax.process_index() == 0 else None
+    barrier(name)
+    return result if jax.process_index() == 0 else build()

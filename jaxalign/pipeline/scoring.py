@@ -20,7 +20,9 @@ from jaxalign.train.steps import make_eval_rewards
 
 def score_sequences(ctx: RunContext, rm_params: dict[str, jax.Array], sequences: Sequence[Sequence[int]],
                     batch: int = 32) -> np.ndarray:
-    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call."""
+    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call.
+
+    Every process calls it with the same ``sequences`` and gets every score (a collective on several processes)."""
     fn = make_eval_rewards(ctx.model_cfg, ctx.mesh)
     shards = sharding.batch_shards(ctx.mesh)
     batch = max(shards, (batch // shards) * shards)
@@ -35,6 +37,8 @@ def score_sequences(ctx: RunContext, rm_params: dict[str, jax.Array], sequences:
         attn = np.zeros((batch, length), np.int32)
         for j, s in enumerate(chunk):
             ids[j, :len(s)], attn[j, :len(s)] = s, 1
-        dev = sharding.shard_batch({"ids": ids, "attn": attn}, ctx.mesh)
-        out.append(np.asarray(jax.device_get(fn(rm_params, dev["ids"], dev["attn"])))[:n])
+        # every process holds every sequence (the same samples / eval data on all hosts): the whole batch is the
+        # global array, each process keeps its shards, and the scores are gathered back from all of them
+        dev = sharding.global_batch({"ids": ids, "attn": attn}, ctx.mesh)
+        out.append(sharding.to_host(fn(rm_params, dev["ids"], dev["attn"]))[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
