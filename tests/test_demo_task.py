@@ -139,11 +139,16 @@ def test_rebuild_is_idempotent_and_arguments_are_honoured(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
-def test_same_seed_same_data(tmp_path):
+def test_same_seed_same_bytes(tmp_path):
+    """Two builds with one seed are byte-identical, model and tokenizer included: hosts that each build their own
+    copy (a bucket work directory builds them in every host's local cache) train and sample the same model."""
     a = build_demo_assets(tmp_path / "a", seed=5, **SMALL)
     b = build_demo_assets(tmp_path / "b", seed=5, **SMALL)
-    for name in ("train_file", "test_file", "heldout_prefs_file"):
-        assert getattr(a, name).read_text() == getattr(b, name).read_text()
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert {"model/model.safetensors", "tokenizer/tokenizer.json"} <= {str(f) for f in files}
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert a.train_file.read_text() != build_demo_assets(tmp_path / "c", seed=6, **SMALL).train_file.read_text()
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
