@@ -44,11 +44,11 @@ def gguf_path() -> Path:
     return path
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def _build(out: Path) -> None:
+def build_folder(out: Path) -> None:
     """Dequantize the GGUF into a plain float32 ``LlamaForCausalLM`` and save it with its tokenizer into ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -87,16 +87,16 @@ def smollm2_folder(root: str | Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct safetensors folder (built on first use, then read from the cache)."""
     root = Path(root) if root is not None else cache_dir()
     final = root / FOLDER_NAME
-    if _is_complete(final):
+    if is_complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{FOLDER_NAME}.lock"):
-        if _is_complete(final):  # another process built it while we waited
+        if is_complete(final):  # another process built it while we waited
             return final
         # build beside the final folder (same filesystem) and rename, so a crash never leaves a half-written folder
         tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.", dir=root))
         try:
-            _build(tmp)
+            build_folder(tmp)
             if final.exists():  # an incomplete leftover
                 shutil.rmtree(final)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared with other users' runs

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import real_model
 import tiny_recipe
 from real_model import chat_prompts, smollm2  # noqa: F401  (smollm2: the session fixture)
 
@@ -24,6 +25,42 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 MAX_NEW = 24
+
+
+def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
+    """Four callers at once (as pytest-xdist workers are): one build, one complete folder, no temporary leftovers;
+    a build that fails leaves nothing behind and the next call builds again."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    def slow_build(out):
+        calls.append(threading.get_ident())
+        for name in ("config.json", "model.safetensors"):
+            (out / name).write_text(name)
+            time.sleep(0.2)  # the others arrive while the folder is half-written
+        (out / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(real_model, "build_folder", slow_build)
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: real_model.smollm2_folder(tmp_path), range(4)))
+    assert len(calls) == 1 and len(set(paths)) == 1 and real_model.is_complete(paths[0])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [real_model.FOLDER_NAME]
+
+    other = tmp_path / "other"
+
+    def failing_build(out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("dequantization failed")
+
+    monkeypatch.setattr(real_model, "build_folder", failing_build)
+    with pytest.raises(RuntimeError, match="dequantization"):
+        real_model.smollm2_folder(other)
+    assert [p.name for p in other.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(real_model, "build_folder", slow_build)
+    assert real_model.is_complete(real_model.smollm2_folder(other)) and len(calls) == 2
 
 
 @pytest.fixture(scope="module")
