@@ -169,7 +169,7 @@ def _hf_sample(model, prompts, new_tokens, temperature, num_samples=1):
     return out[:, width:].tolist()
 
 
-def real_table(batches, new_tokens, reps, shared: Path):
+def real_table(batches, new_tokens, reps, shared: Path, parts=("greedy", "t1", "n8")):
     """SmolLM2-135M-Instruct (real weights), real chat prompts: jaxalign vs transformers, greedy and sampled."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import interleaved_times, smollm2_folder
@@ -188,8 +188,10 @@ def real_table(batches, new_tokens, reps, shared: Path):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # fixed work per run: every row makes exactly new_tokens tokens
     model = from_pretrained(folder)
-    cases = [(b, 1, t, _chat_prompts(tok, shared, b, max_len=128)) for t in (0.0, 1.0) for b in batches]
-    cases += [(b, 8, 1.0, _chat_prompts(tok, shared, b, min_len=256)) for b in (1, 4)]
+    temps = [t for t, part in ((0.0, "greedy"), (1.0, "t1")) if part in parts]
+    cases = [(b, 1, t, _chat_prompts(tok, shared, b, max_len=128)) for t in temps for b in batches]
+    if "n8" in parts:
+        cases += [(b, 8, 1.0, _chat_prompts(tok, shared, b, min_len=256)) for b in (1, 4)]
     rows = []
     for batch, n, temperature, prompts in cases:
         kw = dict(max_new_tokens=new_tokens, temperature=temperature, num_samples=n, stop_at_eos=False,
@@ -284,11 +286,13 @@ def main(argv=None):
     ap.add_argument("--gpu-roofline", action="store_true", help="~1B config roofline on the default JAX device")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt length for --gpu-roofline")
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct with real chat prompts")
+    ap.add_argument("--parts", nargs="+", default=["greedy", "t1", "n8"], choices=["greedy", "t1", "n8"],
+                    help="--real: greedy and/or temperature-1 rows at --batches, and/or 256-token prompts x 8 samples")
     ap.add_argument("--shared-data", type=Path, default=Path(os.environ.get(
         "JAXALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")), help="--real: OASST data")
     args = ap.parse_args(argv)
     if args.real:
-        real_table(args.batches or [1, 8, 32], args.new_tokens or 64, args.reps, args.shared_data)
+        real_table(args.batches or [1, 8, 32], args.new_tokens or 64, args.reps, args.shared_data, args.parts)
     elif args.gpu_roofline:
         gpu_roofline(args.batches or [1, 8, 32], args.prompt_len, args.reps)
     else:
