@@ -1,8 +1,10 @@
 """Shared pieces of the CPU benchmarks: the model sizes, the measured matmul peak, timing, and table printing."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -34,6 +36,32 @@ def config_100m(**kw) -> ModelConfig:
                 sliding_windows=(None,) * 12, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def smollm2_config(**kw) -> ModelConfig:
+    """The shape of SmolLM2-135M-Instruct: 30 layers, hidden 576, 9 query / 3 KV heads (GQA 3), vocab 49152, tied."""
+    base = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
+                norm_eps=1e-5, tie_word_embeddings=True, sliding_windows=(None,) * 30, pad_token_id=2,
+                bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def real_model_module():
+    """tests/real_model.py, imported by path (it builds the real SmolLM2 folder); None where its packages are
+    missing (then the SmolLM2 rows run on random weights of the same shape)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "real_model.py"
+    spec = importlib.util.spec_from_file_location("jaxalign_real_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return None if module.missing_packages() else module
+
+
+def smollm2_folder() -> Path | None:
+    """The real SmolLM2-135M-Instruct safetensors folder (built once into the cache), or None."""
+    module = real_model_module()
+    return module.smollm2_folder() if module is not None else None
 
 
 def peak_matmul(n: int = 2048):

@@ -2,6 +2,7 @@
 
     python benchmarks/forward_backward.py            # tiny (demo size) and ~100M configs
     python benchmarks/forward_backward.py --sizes tiny
+    python benchmarks/forward_backward.py --sizes smollm2   # SmolLM2-135M: its real weights (tests/real_model.py)
 
 Both sides compute the same thing: logits of a [B, T] batch, and for the backward pass the mean next-token NLL and its
 gradient with respect to every parameter. Each figure is also shown as a fraction of this CPU's float32 matmul peak
@@ -17,7 +18,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from common import TINY_BATCH, config_100m, interleaved_times, peak_matmul, print_table, tiny_config
+from common import (TINY_BATCH, config_100m, interleaved_times, peak_matmul, print_table, smollm2_config,
+                    smollm2_folder, tiny_config)
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ from flax import nnx
 
 from jaxalign.flops import flops_per_token
 from jaxalign.losses import token_logprobs
-from jaxalign.models import Decoder, forward, save_pretrained
+from jaxalign.models import Decoder, forward, from_pretrained, save_pretrained
 
 
 def jax_fns(cfg):
@@ -70,17 +72,24 @@ def main():
     torch.manual_seed(0)
     peak_call, peak_flops = peak_matmul()
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
-    shapes = {"tiny": (tiny_config(), *TINY_BATCH), "100m": (config_100m(), 4, 256)}
+    shapes = {"tiny": (tiny_config(), *TINY_BATCH), "100m": (config_100m(), 4, 256),
+              "smollm2": (smollm2_config(), 4, 256)}
     rows = []
     for size in args.sizes.split(","):
         cfg, b, t = shapes[size]
-        model = Decoder(cfg, rngs=nnx.Rngs(0))
+        real = smollm2_folder() if size == "smollm2" else None
+        if real is not None:  # the real weights on both sides; the shape is the same either way
+            model = from_pretrained(real)
+            cfg = model.cfg
+            t_fwd, t_fwd_bwd = torch_fns(real)
+        else:
+            model = Decoder(cfg, rngs=nnx.Rngs(0))
+            with tempfile.TemporaryDirectory() as d:
+                save_pretrained(model, d)
+                t_fwd, t_fwd_bwd = torch_fns(d)
         params = model.param_dict()
         ids_np = np.random.RandomState(0).randint(3, cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
         ids = jnp.asarray(ids_np)
-        with tempfile.TemporaryDirectory() as d:
-            save_pretrained(model, d)
-            t_fwd, t_fwd_bwd = torch_fns(d)
         tids = torch.tensor(ids_np, dtype=torch.long)
         fwd, fwd_bwd = jax_fns(cfg)
         reps = args.reps if size != "tiny" else 5 * args.reps
@@ -99,7 +108,8 @@ def main():
             j_tps, p_tps = n_tok / jt, n_tok / pt
             frac = j_tps * flops_per_token(cfg, t, backward=back) / peak
             p_frac = p_tps * flops_per_token(cfg, t, backward=back) / peak
-            rows.append([f"{size} ({cfg.num_params() / 1e6:.1f}M, B={b} T={t})", name, f"{j_tps:,.0f}",
+            weights = " real" if real is not None else ""
+            rows.append([f"{size}{weights} ({cfg.num_params() / 1e6:.1f}M, B={b} T={t})", name, f"{j_tps:,.0f}",
                          f"{p_tps:,.0f}", f"{j_tps / p_tps:.2f}x", f"{100 * frac:.0f}%", f"{100 * p_frac:.0f}%",
                          f"{1 / p_frac:.2f}x"])
     print_table("forward / backward throughput (float32, CPU)",

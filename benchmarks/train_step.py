@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                  # CPU table: tiny (demo size) and ~100M Llama configs
     python benchmarks/train_step.py --sizes tiny
+    python benchmarks/train_step.py --sizes smollm2  # SmolLM2-135M: its real weights (tests/real_model.py)
     python benchmarks/train_step.py --gpu            # ~1B Llama, sequence 1024, bf16 compute: step MFU on the device
 
 A step is everything one optimizer update costs: forward, backward, gradient clipping (global norm 1.0) and AdamW.
@@ -166,7 +167,7 @@ def torch_step(folder, kind: str, host_batch):
 
 # ---- CPU table ------------------------------------------------------------------------------------------------------
 def cpu_main(args):
-    from common import TINY_BATCH, config_100m, matmul_peak, print_table, tiny_config
+    from common import TINY_BATCH, config_100m, matmul_peak, print_table, smollm2_config, smollm2_folder, tiny_config
 
     import jax
     import torch
@@ -175,25 +176,31 @@ def cpu_main(args):
     from transformers.utils import logging as hf_logging
 
     from jaxalign import sharding
-    from jaxalign.models import Decoder, save_pretrained
+    from jaxalign.models import Decoder, from_pretrained, save_pretrained
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     peak = matmul_peak()
     print(f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())} (jaxalign runs on 1), torch threads "
           f"{torch.get_num_threads()}; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
-    shapes = {"tiny": (tiny_config(), *TINY_BATCH), "100m": (config_100m(), 4, 256)}
+    shapes = {"tiny": (tiny_config(), *TINY_BATCH), "100m": (config_100m(), 4, 256),
+              "smollm2": (smollm2_config(), 4, 256)}
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
     for size in args.sizes.split(","):
         cfg, b, t = shapes[size]
-        model = Decoder(cfg, rngs=nnx.Rngs(0))
+        real = smollm2_folder() if size == "smollm2" else None
+        model = from_pretrained(real) if real is not None else Decoder(cfg, rngs=nnx.Rngs(0))
+        cfg = model.cfg
         params = model.param_dict()
         sft, dpo = batches(cfg, b, t)
         dpo = {k: v[: max(1, b // 2)] for k, v in dpo.items()}  # b/2 pairs: the same number of sequences as SFT
         reps = args.reps * (5 if size == "tiny" else 1)
         with tempfile.TemporaryDirectory() as folder:
-            save_pretrained(model, folder)
+            if real is not None:  # PyTorch reads the same real weights
+                folder = real
+            else:
+                save_pretrained(model, folder)
             for kind, batch in (("sft", sft), ("dpo", dpo)):
                 nb = batch[next(iter(batch))].shape[0]
                 j_run, j_loss, compile_s = jax_step(cfg, params, kind, batch, mesh)
@@ -201,7 +208,8 @@ def cpu_main(args):
                 j_t, p_t = _median_time(j_run, reps), _median_time(p_run, reps)
                 tok = trained_tokens(kind, nb, t)
                 fl = model_flops(cfg, kind, nb, t)
-                rows.append([f"{size} ({cfg.num_params() / 1e6:.1f}M)", kind.upper(),
+                weights = " real" if real is not None else ""
+                rows.append([f"{size}{weights} ({cfg.num_params() / 1e6:.1f}M)", kind.upper(),
                              f"{nb}{' pairs' if kind == 'dpo' else ''} x {t}", f"{tok / j_t:,.0f}",
                              f"{tok / p_t:,.0f}", f"{p_t / j_t:.2f}x", f"{100 * fl / j_t / peak:.0f}%",
                              f"{100 * fl / p_t / peak:.0f}%", f"{abs(j_loss - p_loss):.1e}", f"{compile_s:.1f}"])
@@ -255,7 +263,7 @@ def gpu_main(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="tiny,100m", help="CPU: tiny and/or 100m")
+    ap.add_argument("--sizes", default="tiny,100m", help="CPU: tiny, 100m and/or smollm2")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu", action="store_true", help="~1B Llama on the default accelerator")
     ap.add_argument("--seq", type=int, default=1024, help="--gpu: sequence length")
