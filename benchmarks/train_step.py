@@ -79,6 +79,7 @@ def jax_step(cfg, params, kind: str, host_batch, mesh):
     from jaxalign import sharding
     from jaxalign.train.optim import OptimConfig, make_optimizer
     from jaxalign.train.state import create_state
+    from jaxalign.losses import get_objective
     from jaxalign.train.steps import StepConfig, make_train_step
 
     optimizer, schedule = make_optimizer(OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, schedule="constant"), 1000)
@@ -86,7 +87,7 @@ def jax_step(cfg, params, kind: str, host_batch, mesh):
     shardings = jax.tree.map(lambda x: x.sharding, state)
     ref = None
     if kind == "dpo":
-        step_cfg = StepConfig("preference", objective="dpo", objective_args=(("beta", BETA),))
+        step_cfg = StepConfig("policy", objective=get_objective("dpo", beta=BETA)[1])
         ref = jax.tree.map(lambda x: x.copy(), state.params)  # a separate frozen copy on the same shardings
     else:
         step_cfg = StepConfig("sft")
