@@ -19,9 +19,10 @@ from jaxalign.train.steps import make_eval_rewards
 
 
 def score_sequences(ctx: RunContext, rm_params: dict[str, jax.Array], sequences: Sequence[Sequence[int]],
-                    batch: int = 32) -> np.ndarray:
-    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call."""
-    fn = make_eval_rewards(ctx.model_cfg, ctx.mesh)
+                    batch: int = 32, fn=None) -> np.ndarray:
+    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call. ``fn``: a jitted
+    ``make_eval_rewards`` kept by a caller that scores again and again (one compile per shape, not per call)."""
+    fn = fn or make_eval_rewards(ctx.model_cfg, ctx.mesh)
     shards = sharding.batch_shards(ctx.mesh)
     batch = max(shards, (batch // shards) * shards)
     out = []
