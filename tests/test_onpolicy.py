@@ -23,7 +23,7 @@ from jaxalign.pipeline.demo_task import gold_score
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.runner import Pipeline
 
-BASE = ["run.show_progress=false", "run.rounds=1", "sft.max_steps=60", "sample.max_new_tokens=8",
+BASE = ["run.show_progress=false", "run.rounds=1", "sample.max_new_tokens=8",
         "sample.temperature=1.0", "policy.batch_size=32", "policy.learning_rate=1e-4", "policy.schedule=constant",
         "policy.warmup_ratio=0", "policy.kl_coef=0.01", "policy.save_every=100", "reliability.async_checkpointing=false"]
 
