@@ -23,9 +23,9 @@ from jaxalign.pipeline.demo_task import gold_score
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.runner import Pipeline
 
-BASE = ["run.show_progress=false", "run.rounds=1", "sample.max_new_tokens=8",
-        "sample.temperature=1.0", "policy.batch_size=32", "policy.learning_rate=1e-4", "policy.schedule=constant",
-        "policy.warmup_ratio=0", "policy.kl_coef=0.01", "policy.save_every=100", "reliability.async_checkpointing=false"]
+BASE = ["run.show_progress=false", "run.rounds=1", "sample.max_new_tokens=8", "sample.temperature=1.0",
+        "policy.learning_rate=5e-4", "policy.schedule=constant", "policy.warmup_ratio=0", "policy.kl_coef=0.01",
+        "policy.epochs=100", "policy.save_every=100", "reliability.async_checkpointing=false"]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,12 @@ def demo(tmp_path_factory):
     return ctx, gold
 
 
-def _run(demo, name: str, **policy):
+def _run(demo, name: str, *, prompts: int, **policy):
+    """``name``'s phase on a fixed set of ``prompts`` training prompts, every rollout batch covering all of them (so
+    the curve compares the same prompts step after step)."""
     ctx, gold = demo
     ctx.cfg.policy = dataclasses.replace(ctx.cfg.policy, **policy)
+    ctx.cfg.sample = dataclasses.replace(ctx.cfg.sample, limit=prompts)
     phase = Phase(f"{name}/policy", "policy", 1)
     ctx.workdir.phase(phase).mkdir(parents=True, exist_ok=True)
     metrics = onpolicy.run(ctx, phase, reward_fn=gold)
@@ -69,23 +72,26 @@ def _check_rise(name: str, rows, margin: float):
 
 @pytest.mark.slow
 def test_rloo_raises_a_fixed_reward(demo):
-    _, rows, _ = _run(demo, "rloo", kind="rloo", num_samples=4, max_steps=30, inner_epochs=1)
+    _, rows, _ = _run(demo, "rloo", prompts=32, kind="rloo", num_samples=4, rollout_batch_size=128, batch_size=64,
+                      max_steps=20, inner_epochs=1)
     for r in rows:  # KL folded into the reward (k1), as logged
         assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] - 0.01 * r["objective/kl"], abs=1e-4)
-        assert r["policy/clipfrac"] == 0.0  # one inner epoch: every update is at ratio 1
+    assert rows[0]["policy/clipfrac"] == 0.0 and rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     _check_rise("rloo", rows, 0.1)
 
 
 @pytest.mark.slow
 def test_grpo_raises_a_fixed_reward(demo):
-    _, rows, _ = _run(demo, "grpo", kind="grpo", num_samples=4, max_steps=30, inner_epochs=2)
+    _, rows, _ = _run(demo, "grpo", prompts=32, kind="grpo", num_samples=4, rollout_batch_size=128, batch_size=64,
+                      max_steps=20, inner_epochs=2)
     assert any(r["policy/clipfrac"] > 0 for r in rows)  # the second pass is off-policy: the clip acts
     _check_rise("grpo", rows, 0.1)
 
 
 @pytest.mark.slow
 def test_ppo_raises_a_fixed_reward(demo):
-    _, rows, _ = _run(demo, "ppo", kind="ppo", num_samples=1, max_steps=30, inner_epochs=4, rollout_batch_size=64)
+    _, rows, _ = _run(demo, "ppo", prompts=64, kind="ppo", num_samples=1, rollout_batch_size=64, batch_size=32,
+                      max_steps=20, inner_epochs=4)
     for r in rows:
         assert {"loss/value", "val/vpred", "val/clipfrac", "policy/approxkl"} <= r.keys()
     _check_rise("ppo", rows, 0.1)

@@ -13,7 +13,9 @@ plans it like any pair objective.
 """
 from __future__ import annotations
 
-REWARD_KINDS = ("rloo", "grpo", "ppo")
+from jaxalign.config_checks import REWARD_KINDS  # the on-policy kinds this module plans
+
+__all__ = ["REWARD_KINDS", "onpolicy_inputs", "plan_onpolicy"]
 
 
 def onpolicy_inputs(cfg, mcfg, mesh):

@@ -275,10 +275,6 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     from jaxalign.train.state import TrainState, state_shardings
     from jaxalign.train.steps import make_train_step
 
-    if kind == "policy" and cfg.policy.kind in ("rloo", "grpo", "ppo"):  # the on-policy step: its own inputs
-        from jaxalign.plan.onpolicy import plan_onpolicy
-
-        return plan_onpolicy(cfg, mcfg, mesh, sl)
     section = getattr(cfg, kind)  # sft | reward | policy
     name = kind
     _check_batch(name, section, mesh)
