@@ -95,3 +95,19 @@ def test_ppo_raises_a_fixed_reward(demo):
     for r in rows:
         assert {"loss/value", "val/vpred", "val/clipfrac", "policy/approxkl"} <= r.keys()
     _check_rise("ppo", rows, 0.1)
+
+
+@pytest.mark.slow
+def test_a_resumed_phase_ends_with_the_same_weights(demo):
+    """4 rollout batches straight vs 2 (a checkpoint) then a re-run to 4 from that checkpoint: the same samples are
+    drawn and the same weights come out (the constant schedule does not depend on the phase length)."""
+    from safetensors.numpy import load_file
+
+    kw = dict(prompts=32, kind="grpo", num_samples=4, rollout_batch_size=32, batch_size=16, inner_epochs=2,
+              save_every=2)
+    _, straight, a = _run(demo, "straight", max_steps=4, **kw)
+    _run(demo, "resumed", max_steps=2, **kw)
+    _, resumed, b = _run(demo, "resumed", max_steps=4, **kw)
+    assert [r["objective/scores"] for r in resumed] == [r["objective/scores"] for r in straight]
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
