@@ -90,11 +90,14 @@ def test_grpo_raises_a_fixed_reward(demo):
 
 @pytest.mark.slow
 def test_ppo_raises_a_fixed_reward(demo):
+    # 4 passes x 2 mini-batches per rollout batch: a smaller learning rate than RLOO / GRPO's single update
     _, rows, _ = _run(demo, "ppo", prompts=64, kind="ppo", num_samples=1, rollout_batch_size=64, batch_size=32,
-                      max_steps=20, inner_epochs=4)
+                      max_steps=20, inner_epochs=4, learning_rate=2e-4)
     for r in rows:
         assert {"loss/value", "val/vpred", "val/clipfrac", "policy/approxkl"} <= r.keys()
-    _check_rise("ppo", rows, 0.1)
+    assert rows[-1]["val/vpred"] > rows[0]["val/vpred"]  # the zero-initialised value head learns the returns
+    # one sample per prompt: the value head, not a group, is the baseline, and the rise is slower than RLOO / GRPO's
+    _check_rise("ppo", rows, 0.04)
 
 
 @pytest.mark.slow
