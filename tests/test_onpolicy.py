@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -26,6 +27,29 @@ from jaxalign.pipeline.runner import Pipeline
 BASE = ["run.show_progress=false", "run.rounds=1", "sample.max_new_tokens=8", "sample.temperature=1.0",
         "policy.learning_rate=5e-4", "policy.schedule=constant", "policy.warmup_ratio=0", "policy.kl_coef=0.01",
         "policy.epochs=100", "policy.save_every=100", "reliability.async_checkpointing=false"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["policy.kind=grpo", "policy.num_samples=1"], "at least 2"),
+    (["policy.kind=ppo", "run.phases=sample,policy,eval"], "'reward' (after 'sample') must come before 'policy'"),
+    (["policy.kind=online_dil", "policy.objective=dpo"], "choose a dil_* objective"),
+    (["policy.kind=rloo", "run.method=dpo", "policy.pairs=dataset"], "on-policy steps run in IRL / SPIN rounds"),
+    (["policy.kind=rloo", "policy.num_samples=3"], "multiple of policy.batch_size=32"),
+    (["policy.kind=sac"], "choose one of 'pairs', 'rloo', 'grpo', 'ppo', 'online_dil'"),
+])
+def test_bad_onpolicy_combinations_are_refused_when_loading(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.load("demo_cpu", overrides)
+
+
+def test_onpolicy_rounds():
+    from jaxalign.pipeline.phases import plan
+
+    assert [p.name for p in plan(config_lib.load("demo_cpu", ["policy.kind=rloo", "run.rounds=1"]))] == [
+        "sft", "eval0", "r1/sample", "r1/reward", "r1/policy", "r1/eval"]
+    # online DIL samples inside its policy phase and trains no reward model
+    assert [p.name for p in plan(config_lib.load("demo_cpu", ["policy.kind=online_dil", "run.rounds=1"]))] == [
+        "sft", "eval0", "r1/policy", "r1/eval"]
 
 
 @pytest.fixture(scope="module")
