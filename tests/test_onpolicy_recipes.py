@@ -91,7 +91,7 @@ def test_tldr_irl_ppo_on_a_tiny_model(tiny, cache, tmp_path):
                  "data.eval_prefs.split=train", "data.train.split=train", "data.eval_prompts.split=train",
                  "data.max_length=128", "data.max_prompt_length=64", "sample.max_new_tokens=8", "sample.limit=16",
                  "eval.num_prompts=8", "eval.max_new_tokens=8", "sft.batch_size=8", "sft.max_steps=2",
-                 "reward.batch_size=8", "reward.max_steps=2", "policy.batch_size=8", "policy.rollout_batch_size=16",
+                 "reward.batch_size=8", "reward.max_steps=2", "policy.batch_size=8", "policy.rollout_batch_size=8",
                  "policy.max_steps=2"]
     work = tmp_path / "tldr_irl"
     _run("tldr_irl", work, overrides, cache)
