@@ -100,7 +100,6 @@ def test_rloo_raises_a_fixed_reward(demo):
                       max_steps=20, inner_epochs=1)
     for r in rows:  # KL folded into the reward (k1), as logged
         assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] - 0.01 * r["objective/kl"], abs=1e-4)
-    assert rows[0]["policy/clipfrac"] == 0.0 and rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     _check_rise("rloo", rows, 0.1)
 
 
