@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from jaxalign.config_checks import DEFAULT_ROUND, ConfigError, validate
+from jaxalign.config_checks import DEFAULT_ROUND, ONLINE_ROUND, ConfigError, validate
 from jaxalign.losses import Objective, get_objective
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
@@ -56,9 +56,10 @@ class Run:
     logging_steps: int = 1  # trackers get every N-th train step and the last; metrics.jsonl gets every step
     wandb_project: str = ""  # wandb project (default "jaxalign"); run.name groups the run's phases
 
-    def round_phases(self) -> list[str]:
-        """The phase kinds of one round, in order."""
-        text = self.phases or DEFAULT_ROUND.get(self.method, "")
+    def round_phases(self, policy_kind: str = "pairs") -> list[str]:
+        """The phase kinds of one round, in order (``policy.kind=online_dil`` samples inside its policy phase and
+        trains no reward model: its default round is ``policy,eval``)."""
+        text = self.phases or (ONLINE_ROUND if policy_kind == "online_dil" else DEFAULT_ROUND.get(self.method, ""))
         return [p.strip() for p in text.split(",") if p.strip()]
 
     def num_rounds(self) -> int:
@@ -168,9 +169,29 @@ class Policy(Train):
     # compute the reference's log-probs once before the phase (cached on disk) instead of holding the reference
     # weights and running their forward in every step: less HBM, fewer FLOPs per step (TRL: precompute_ref_log_probs)
     precompute_reference: bool = False
-    pairs: str = "best_of_n"  # best_of_n (RM-scored samples) | demo_vs_sample | dataset (given preference data)
+    # pairs: today's offline pair objectives on the sample phase's responses | rloo | grpo | ppo: on-policy RL
+    # against the round's reward model, sampling inside the phase | online_dil: DIL's losses on (demonstration, fresh
+    # own sample) pairs, no reward model (jaxalign.pipeline.onpolicy)
+    kind: str = "pairs"
+    # best_of_n (RM-scored samples) | demo_vs_sample | dataset (given preference data) | ditto (demonstration >
+    # this round's samples > earlier rounds' samples, every pair of that order: Shaikh et al. 2024)
+    pairs: str = "best_of_n"
     pair_rule: str = "max_min"  # a name in jaxalign.losses.PAIR_RULES
-    num_samples: int = 4  # N for best_of_n
+    num_samples: int = 4  # N for best_of_n / ditto; samples per prompt for rloo / grpo (TRL rloo_k, num_generations)
+    # ---- on-policy kinds (rloo / grpo / ppo / online_dil); TRL's names where it has them ----
+    # sequences per rollout batch (prompts x num_samples), a multiple of batch_size (the optimizer step's mini-batch);
+    # 0 = batch_size. IRL authors' TL;DR PPO: 512 rollouts. Each rollout batch is one logged step.
+    rollout_batch_size: int = 0
+    inner_epochs: int = 1  # passes over a rollout batch (TRL num_ppo_epochs=4 for PPO / RLOO; GRPO num_iterations=1)
+    clip: float = 0.2  # ratio clip of the policy loss and value clip of PPO (TRL cliprange / cliprange_value 0.2)
+    kl_coef: float = 0.05  # KL to the reference: in the reward (rloo k1, ppo per-token k1) or the loss (grpo k3)
+    vf_coef: float = 0.1  # PPO value-loss weight (TRL vf_coef 0.1)
+    gamma: float = 1.0  # PPO discount (TRL 1.0)
+    lam: float = 0.95  # PPO GAE lambda (TRL 0.95)
+    grpo_scale: bool = True  # GRPO divides by the group std; false = Dr. GRPO (Liu et al. 2025)
+    length_norm: str = "sequence"  # GRPO token-loss normaliser: sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
+    whiten_advantages: bool = True  # PPO: whiten GAE advantages (TRL always); RLOO: TRL normalize_advantage
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response that does not end (TRL; 0 = off)
 
     def build_objective(self) -> Objective:
         """The objective with the recipe's overrides (beta, reduce) bound in; ValueError for a bad combination."""

@@ -27,6 +27,10 @@ DEFAULT_ROUND = {
     "sft": "",
 }
 METHODS = tuple(DEFAULT_ROUND)
+# policy.kind=online_dil samples inside its policy phase and trains no reward model
+ONLINE_ROUND = "policy,eval"
+POLICY_KINDS = ("pairs", "rloo", "grpo", "ppo", "online_dil")
+REWARD_KINDS = ("rloo", "grpo", "ppo")  # on-policy kinds scored by the round's reward model
 ROUND_PHASES = ("sample", "reward", "policy", "eval")
 
 
@@ -41,7 +45,9 @@ CHOICES = {
     "data.gold_metric": ("", "demo"),
     "policy.reduce": ("", "sum", "mean"),
     "policy.reference": ("sft", "previous"),
-    "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset"),
+    "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset", "ditto"),
+    "policy.kind": POLICY_KINDS,
+    "policy.length_norm": ("sequence", "token", "constant"),
     "optimizer": ("adamw", "rmsprop", "sgd"),  # sft / reward / policy
     "schedule": ("cosine", "linear", "constant"),
 }
@@ -113,7 +119,17 @@ def validate(cfg, where: str = "config") -> None:
     need(p.beta == -1 or (math.isfinite(p.beta) and p.beta > 0), "policy.beta", p.beta,
          "must be > 0, or -1 for the objective's default")
     number("policy.num_samples", p.num_samples, low=1)
-    if cfg.run.method == "irl" and p.pairs == "best_of_n":
+    number("policy.rollout_batch_size", p.rollout_batch_size, low=0)
+    number("policy.inner_epochs", p.inner_epochs, low=1)
+    number("policy.clip", p.clip, low=0.0, low_open=True)
+    number("policy.kl_coef", p.kl_coef, low=0.0)
+    number("policy.vf_coef", p.vf_coef, low=0.0)
+    number("policy.gamma", p.gamma, low=0.0, high=1.0)
+    number("policy.lam", p.lam, low=0.0, high=1.0)
+    number("policy.missing_eos_penalty", p.missing_eos_penalty, low=0.0)
+    if p.kind != "pairs":
+        _check_onpolicy(cfg, need)
+    if cfg.run.method == "irl" and p.pairs == "best_of_n" and p.kind == "pairs":
         need(p.num_samples >= 2, "policy.num_samples", p.num_samples,
              "best-of-N pairs need at least 2 samples per prompt")
     choice("policy.pair_rule", p.pair_rule, tuple(PAIR_RULES))
@@ -155,14 +171,46 @@ def validate(cfg, where: str = "config") -> None:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
 
 
+def _check_onpolicy(cfg, need) -> None:
+    """policy.kind=rloo / grpo / ppo / online_dil: sample counts and batch sizes that divide."""
+    p = cfg.policy
+    need(cfg.run.method in ("irl", "spin"), "policy.kind", p.kind,
+         f"on-policy steps run in IRL / SPIN rounds; run.method={cfg.run.method} trains once on given data")
+    if p.kind in ("rloo", "grpo"):
+        need(p.num_samples >= 2, "policy.num_samples", p.num_samples,
+             f"policy.kind={p.kind} compares each prompt's samples with each other: at least 2")
+    if p.kind == "online_dil":
+        need(p.objective.startswith("dil_"), "policy.objective", p.objective,
+             "policy.kind=online_dil trains DIL's density-ratio losses: choose a dil_* objective")
+    n = p.num_samples if p.kind in ("rloo", "grpo") else 1
+    rollout = p.rollout_batch_size or p.batch_size
+    need(rollout % p.batch_size == 0 and rollout % n == 0, "policy.rollout_batch_size", p.rollout_batch_size,
+         f"a rollout batch of {rollout} sequences must be a multiple of policy.batch_size={p.batch_size} (the "
+         f"mini-batch) and of the {n} samples per prompt")
+
+
 def _check_round(cfg, problems: list[str]) -> None:
     """The method, its pairs and the round's phase order fit together (first problem only: it names the fix)."""
     method, pairs = cfg.run.method, cfg.policy.pairs
-    order = cfg.run.round_phases()
+    kind = cfg.policy.kind
+    order = cfg.run.round_phases(kind)
     text = ",".join(order)
 
     def fail(msg: str) -> None:
         problems.append(msg)
+
+    if kind != "pairs":  # the policy phase samples itself; the pair settings do not apply
+        for k in order:
+            if k not in ROUND_PHASES:
+                return fail(f"run.phases: {k!r} is not a round phase; use {', '.join(ROUND_PHASES)}")
+        if "policy" in order and kind in REWARD_KINDS and "reward" not in order[: order.index("policy")]:
+            return fail(f"run.phases={text}: policy.kind={kind} optimises this round's reward model, so 'reward' "
+                        f"(after 'sample') must come before 'policy' (sample,reward,policy,eval); policy.kind="
+                        f"online_dil needs none")
+        if "reward" in order and "sample" not in order[: order.index("reward")]:
+            return fail(f"run.phases={text}: the reward phase trains on (demonstration, own sample) pairs, so "
+                        f"'sample' must come before 'reward'")
+        return None
 
     # method / pairs mismatches first: their message names the fix better than the phase-order checks below
     if method in ("dil", "dpo") and pairs != "dataset":
@@ -179,7 +227,7 @@ def _check_round(cfg, problems: list[str]) -> None:
                     f"names)")
     if "policy" in order:
         before = order[: order.index("policy")]
-        if pairs in ("best_of_n", "demo_vs_sample") and "sample" not in before:
+        if pairs in ("best_of_n", "demo_vs_sample", "ditto") and "sample" not in before:
             return fail(f"run.phases={text}: the policy phase uses sampled responses (policy.pairs={pairs}) but no "
                         f"sample phase comes before it in the round")
         if pairs == "best_of_n" and "reward" not in before:

@@ -5,7 +5,10 @@
   negative;
 - policy, ``policy.pairs``: ``dataset`` — the given preference pairs; ``demo_vs_sample`` — SPIN's demonstration vs own
   sample; ``best_of_n`` — the N samples scored by this round's reward model, one pair per prompt by
-  ``policy.pair_rule`` (max-min: best vs worst; prompts whose pick is a single sample are dropped).
+  ``policy.pair_rule`` (max-min: best vs worst; prompts whose pick is a single sample are dropped); ``ditto`` —
+  DITTO's ordering (Shaikh et al. 2024, "Show, Don't Tell: Aligning Language Models with Demonstrated Feedback"):
+  the demonstration is preferred to this round's samples, and those to every earlier round's samples; every pair of
+  that order is used (demonstration vs each current and each earlier sample, each current sample vs each earlier one).
 """
 from __future__ import annotations
 
@@ -62,7 +65,26 @@ def policy_pairs(ctx: RunContext, phase: Phase) -> list[dict]:
     if pairs == "demo_vs_sample":
         return [make_pair(by_row[row], by_row[row].chosen, encode_response(ctx, by_row[row], s["samples"][i][0]))
                 for i, row in enumerate(s["row_ids"])]
+    if pairs == "ditto":
+        return ditto_pairs(ctx, phase.round, by_row)
     return best_of_n_pairs(ctx, phase, s, by_row)
+
+
+def ditto_pairs(ctx: RunContext, round_: int, by_row: dict[int, EncodedRecord]) -> list[dict]:
+    """Demonstration > round ``round_``'s samples > rounds ``1 .. round_ - 1``'s samples, every pair of that order."""
+    rounds = [read_samples(ctx, k) for k in range(1, round_ + 1)]
+    earlier: dict[int, list[EncodedSequence]] = {}
+    for s in rounds[:-1]:
+        for i, row in enumerate(s["row_ids"]):
+            earlier.setdefault(row, []).extend(encode_response(ctx, by_row[row], t) for t in s["samples"][i])
+    out = []
+    for i, row in enumerate(rounds[-1]["row_ids"]):
+        enc = by_row[row]
+        current = [encode_response(ctx, enc, t) for t in rounds[-1]["samples"][i]]
+        old = earlier.get(row, [])
+        out += [make_pair(enc, enc.chosen, y) for y in current + old]
+        out += [make_pair(enc, y, z) for y in current for z in old]
+    return out
 
 
 def best_of_n_pairs(ctx: RunContext, phase: Phase, s: dict, by_row: dict[int, EncodedRecord]) -> list[dict]:

@@ -44,5 +44,5 @@ def plan(cfg: Config) -> list[Phase]:
     if cfg.run.method == "sft":
         return phases
     for k in range(1, cfg.run.num_rounds() + 1):
-        phases += [Phase(f"r{k}/{kind}", kind, k) for kind in cfg.run.round_phases()]
+        phases += [Phase(f"r{k}/{kind}", kind, k) for kind in cfg.run.round_phases(cfg.policy.kind)]
     return phases

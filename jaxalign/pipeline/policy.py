@@ -5,9 +5,13 @@ The reference (``policy.reference``) is the SFT model, or the previous round's p
 step one of three ways (``Policy.reference_logps``): its frozen weights evaluated in every step, precomputed once
 before the phase (``policy.precompute_reference``; the weights then leave the devices before training starts), or not
 at all for a reference-free objective.
+
+With an on-policy ``policy.kind`` (rloo / grpo / ppo / online_dil) the phase is :mod:`jaxalign.pipeline.onpolicy`'s:
+same phase kind, directory, fingerprint and report row, but it samples the policy itself batch by batch.
 """
 from __future__ import annotations
 
+from jaxalign.pipeline import onpolicy
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.modelio import load_policy, save_model
 from jaxalign.pipeline.pairs import policy_pairs
@@ -18,6 +22,8 @@ from jaxalign.train.reference import precompute_reference_logps
 
 def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     cfg = ctx.cfg
+    if cfg.policy.kind != "pairs":  # rloo / grpo / ppo / online_dil: the policy samples itself
+        return onpolicy.run(ctx, phase)
     pairs = policy_pairs(ctx, phase)
     start = ctx.workdir.policy_model(phase.round - 1)
     params = load_policy(ctx, start)

@@ -23,7 +23,9 @@ from jaxalign.sampling import GenerationResult, generate_from_params
 def candidates_per_prompt(cfg: Config) -> int:
     """How many responses per prompt the sample phase draws as the policy step's candidates (the planner sizes the
     sampler with the same number)."""
-    return cfg.policy.num_samples if cfg.policy.pairs == "best_of_n" and cfg.run.method != "afd" else 1
+    if cfg.policy.kind != "pairs" or cfg.run.method == "afd":  # on-policy kinds sample inside the policy phase
+        return 1
+    return cfg.policy.num_samples if cfg.policy.pairs in ("best_of_n", "ditto") else 1
 
 
 def draw(ctx: RunContext, params, prompts: Sequence[Sequence[int]], *, num_samples: int, temperature: float,

@@ -19,11 +19,12 @@ from jaxalign.train.steps import make_eval_rewards
 
 
 def score_sequences(ctx: RunContext, rm_params: dict[str, jax.Array], sequences: Sequence[Sequence[int]],
-                    batch: int = 32) -> np.ndarray:
-    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call.
+                    batch: int = 32, fn=None) -> np.ndarray:
+    """RM scores [N] of token sequences, right-padded in length buckets, ``batch`` rows per call. ``fn``: a jitted
+    ``make_eval_rewards`` kept by a caller that scores again and again (one compile per shape, not per call).
 
     Every process calls it with the same ``sequences`` and gets every score (a collective on several processes)."""
-    fn = make_eval_rewards(ctx.model_cfg, ctx.mesh)
+    fn = fn or make_eval_rewards(ctx.model_cfg, ctx.mesh)
     shards = sharding.batch_shards(ctx.mesh)
     batch = max(shards, (batch // shards) * shards)
     out = []

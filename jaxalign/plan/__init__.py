@@ -29,6 +29,7 @@ from jaxalign.plan.disk import disk_plan, format_disk
 from jaxalign.plan.phases import (HUB_CONFIGS, MODELS_DIR, PhaseRow, make_mesh, model_config, model_step_flops,
                                   WhatIf, plan_train, resolve_model_file)
 from jaxalign.plan.sampling import plan_sampler, prefill_flops
+from jaxalign.plan.onpolicy import REWARD_KINDS, plan_onpolicy
 from jaxalign.plan.report import FIT_MARGIN, format_plan, judge
 from jaxalign.plan.tpu import CHIPS, PlanError, Slice, get_slice, hbm_allocated, parse_oom, require_libtpu
 
@@ -76,6 +77,8 @@ def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn
                   file=sys.stderr, flush=True)
             if phase in ("sample", "eval"):
                 rows += plan_sampler(cfg, mcfg, mesh, sl, phase=phase)
+            elif phase == "policy" and cfg.policy.kind in REWARD_KINDS:  # the on-policy step: its own inputs
+                rows.append(plan_onpolicy(cfg, mcfg, mesh, sl))
             else:
                 rows.append(plan_train(phase, cfg, mcfg, mesh, sl, what_if))
             for r in rows:

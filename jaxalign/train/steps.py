@@ -1,4 +1,5 @@
-"""Jitted, sharded train steps: SFT, reward (Bradley-Terry / AfD discriminator), and policy (any pair objective).
+"""Jitted, sharded train steps: SFT, reward (Bradley-Terry / AfD discriminator), policy (any pair objective) and
+on-policy (RLOO / GRPO / PPO mini-batches of a rollout: :mod:`jaxalign.train.onpolicy_steps`).
 
 Each step is a pure function ``(state, batch[, ref_params]) -> (state, metrics)`` compiled once with explicit in/out
 shardings over the mesh. Gradient accumulation runs the micro-batches in a ``lax.scan`` inside the step (one optimizer
@@ -22,12 +23,13 @@ from jaxalign.losses import (Objective, afd_discriminator_loss, bradley_terry_lo
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import forward
 from jaxalign.models.reward import reward_forward
+from jaxalign.train.onpolicy_steps import OnPolicySettings, onpolicy_loss_fn
 from jaxalign.train.state import TrainState, param_shardings
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    kind: str  # "sft" | "reward" | "policy"
+    kind: str  # "sft" | "reward" | "policy" | "onpolicy"
     accum_steps: int = 1
     objective: Objective | None = None  # policy: the resolved pair objective (hyper-parameters bound in)
     # policy: how the reference model's log-probs arrive — "in_step" (its frozen params are a step argument),
@@ -36,6 +38,7 @@ class StepConfig:
     margin: float = 0.0  # reward
     center_coef: float = 0.0  # reward
     reward_loss: str = "bradley_terry"  # reward: bradley_terry on (chosen, rejected) | afd_discriminator (pointwise)
+    onpolicy: OnPolicySettings | None = None  # onpolicy: the RL settings (kind, clip, KL, value coefficient ...)
 
     @property
     def takes_reference_params(self) -> bool:
@@ -138,7 +141,9 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gra
             return reward_loss_fn(params, cfg, micro, step_cfg)
         if kind == "policy":
             return policy_loss_fn(params, cfg, micro, step_cfg, ref_params)
-        raise ValueError(f"step kind {kind!r}; choose sft, reward or policy")
+        if kind == "onpolicy":
+            return onpolicy_loss_fn(params, cfg, micro, step_cfg.onpolicy)
+        raise ValueError(f"step kind {kind!r}; choose sft, reward, policy or onpolicy")
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
 

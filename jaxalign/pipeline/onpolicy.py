@@ -1,0 +1,259 @@
+"""The on-policy policy phase (``policy.kind`` = rloo | grpo | ppo | online_dil): the policy learns from its own fresh
+samples, drawn batch by batch from its current weights.
+
+For each rollout batch (``policy.rollout_batch_size`` sequences: P prompts x N samples):
+
+1. sample N responses per prompt with the in-process sampler on the train state's own parameters (the rollout and
+   the update share one copy of the weights on the devices; PPO's value head is left out of what the sampler sees);
+2. rloo / grpo / ppo: score them with the round's reward model, normalised by its mean / std on the demonstrations
+   (computed once per phase, as the IRL authors do), minus ``policy.missing_eos_penalty`` for a response that does
+   not end; the tempered token log-probs of the policy (the ratio's denominator) and of the reference, PPO's values;
+   the advantages (:mod:`jaxalign.train.onpolicy_steps`); then ``policy.inner_epochs`` passes of mini-batches of
+   ``policy.batch_size`` sequences through the jitted step;
+3. online_dil: (demonstration, fresh sample) pairs through the pair step with the DIL objective — DIL's future work
+   (seeds/001): no reward model, the policy samples itself, so the round is ``policy,eval``.
+
+One logged step (TRL's ``objective/*``, ``policy/*``, ``val/*``) is one rollout batch. Resume: the train state is
+checkpointed every ``policy.save_every`` rollout batches; a rollout batch's prompts and sampling seed are functions of
+its index, so a resumed phase redoes the batches after the last checkpoint exactly as the first attempt did them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxalign import sharding
+from jaxalign.checkpoint import PhaseCheckpointer
+from jaxalign.config import ConfigError
+from jaxalign.data.loader import bucket_for, pad_pair_batch
+from jaxalign.data.tokenize import EncodedRecord
+from jaxalign.metrics import MetricsWriter, read_metrics
+from jaxalign.models.value import VALUE_HEAD, init_value_head, without_value_head
+from jaxalign.pipeline.context import RunContext
+from jaxalign.pipeline.modelio import load_policy, load_reward, save_model
+from jaxalign.pipeline.pairs import encode_response, make_pair, strip_eos
+from jaxalign.pipeline.phases import Phase
+from jaxalign.pipeline.sample import draw, prompts_of_round
+from jaxalign.pipeline.scoring import score_sequences
+from jaxalign.train.loop import NonFiniteError, Preempted, PreemptionGuard
+from jaxalign.train.onpolicy_steps import OnPolicySettings, make_rollout_advantages, make_rollout_logps
+from jaxalign.train.optim import make_optimizer
+from jaxalign.train.state import create_state
+from jaxalign.train.steps import StepConfig, make_eval_rewards, make_train_step
+
+# reward_fn(rows, responses) -> scores [len(rows)]: a fixed reward instead of the RM (tests: the demo's gold metric)
+RewardFn = Callable[[Sequence[EncodedRecord], Sequence[Sequence[int]]], np.ndarray]
+
+
+def settings(ctx: RunContext) -> OnPolicySettings:
+    p, s = ctx.cfg.policy, ctx.cfg.sample
+    return OnPolicySettings(kind=p.kind, num_samples=samples_per_prompt(ctx.cfg), temperature=s.temperature or 1.0,
+                            clip=p.clip, kl_coef=p.kl_coef, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
+                            grpo_scale=p.grpo_scale, length_norm=p.length_norm,
+                            whiten_advantages=p.whiten_advantages, max_new_tokens=s.max_new_tokens)
+
+
+def samples_per_prompt(cfg) -> int:
+    """N: rloo / grpo compare each prompt's samples; ppo and online_dil draw one per prompt."""
+    return cfg.policy.num_samples if cfg.policy.kind in ("rloo", "grpo") else 1
+
+
+def make_scorer(ctx: RunContext, phase: Phase, rows: list[EncodedRecord], reward_fn: RewardFn | None):
+    """``(rows, responses, stopped) -> scores`` (float32): the round's RM normalised on the demonstrations, or
+    ``reward_fn``; minus the missing-EOS penalty."""
+    penalty = ctx.cfg.policy.missing_eos_penalty
+    if reward_fn is None:
+        folder = ctx.workdir.reward_model(phase.round)
+        if folder is None:
+            raise ConfigError(f"phase {phase.name}: policy.kind={ctx.cfg.policy.kind} needs this round's reward model "
+                              f"(phases/r{phase.round}_reward/model), which is missing.")
+        rm, fn = load_reward(ctx, folder), make_eval_rewards(ctx.model_cfg, ctx.mesh)
+        demo = score_sequences(ctx, rm, [e.chosen.ids for e in rows], fn=fn)
+        mean, std = float(np.mean(demo)), float(np.std(demo)) + 1e-6
+        print(f"[{phase.name}] reward model on the demonstrations: mean {mean:.4f}, std {std:.4f} (scores normalised)")
+
+        def reward_fn(rs, responses):
+            seqs = [np.concatenate([np.asarray(r.prompt_ids), np.asarray(t, np.int32)]) for r, t in zip(rs, responses)]
+            return (score_sequences(ctx, rm, seqs, fn=fn) - mean) / std
+
+    def score(rs, responses, stopped):
+        out = np.asarray(reward_fn(rs, responses), np.float32)
+        return out - penalty * (1.0 - np.asarray(stopped, np.float32))
+
+    return score
+
+
+def rollout_arrays(ctx: RunContext, rows, responses, length: int) -> dict[str, np.ndarray]:
+    """Prompt + sampled response (EOS kept where it was sampled, nothing added), right-padded to ``length``."""
+    ids = np.full((len(rows), length), ctx.encoder.pad_id, np.int32)
+    attn, mask = np.zeros_like(ids), np.zeros_like(ids)
+    for i, (r, t) in enumerate(zip(rows, responses)):
+        p = len(r.prompt_ids)
+        seq = np.concatenate([np.asarray(r.prompt_ids, np.int32), np.asarray(t, np.int32)])[:length]
+        ids[i, :len(seq)], attn[i, :len(seq)], mask[i, p:len(seq)] = seq, 1, 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+
+
+class _Updater:
+    """The jitted pieces of the update, compiled on first use, and the mini-batch loop over one rollout batch."""
+
+    def __init__(self, ctx: RunContext, optimizer, schedule, state, ref_params):
+        self.ctx, self.optimizer, self.schedule, self.ref = ctx, optimizer, schedule, ref_params
+        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
+        self.step_fn = None
+        p = ctx.cfg.policy
+        if p.kind == "online_dil":
+            objective = p.build_objective()
+            self.step_cfg = p.step(reference_logps="in_step" if objective.uses_reference else "none")
+        else:
+            self.s = settings(ctx)
+            self.step_cfg = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=self.s)
+            self.logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature)
+            self.advantages = make_rollout_advantages(self.s)
+
+    def targets(self, state, arrays: dict[str, np.ndarray], scores: np.ndarray):
+        """Old / reference log-probs, values and advantages of a rollout batch (host arrays) + rollout metrics."""
+        dev = sharding.shard_batch({k: arrays[k] for k in ("input_ids", "attention_mask")}, self.ctx.mesh)
+        logps, values = self.logps(state.params, dev["input_ids"], dev["attention_mask"])
+        ref_logps, _ = self.logps(self.ref, dev["input_ids"], dev["attention_mask"])
+        mask = sharding.shard_batch({"m": arrays["loss_mask"][:, 1:]}, self.ctx.mesh)["m"]
+        if values is None:
+            values = jax.numpy.zeros(logps.shape, jax.numpy.float32)
+        scores = sharding.shard_batch({"s": scores}, self.ctx.mesh)["s"]
+        extra, metrics = self.advantages(scores, logps, ref_logps, values, mask)
+        m = arrays["loss_mask"][:, 1:] != 0
+        out = dict(arrays, old_logps=np.where(m, np.asarray(jax.device_get(logps)), 0.0).astype(np.float32))
+        if self.s.kind == "grpo":
+            out["ref_logps"] = np.where(m, np.asarray(jax.device_get(ref_logps)), 0.0).astype(np.float32)
+        out.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in extra.items()})
+        return out, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def update(self, state, batch: dict[str, np.ndarray], rng: np.random.Generator, phase: str):
+        """``policy.inner_epochs`` passes of shuffled mini-batches -> (state, mean step metrics)."""
+        p = self.ctx.cfg.policy
+        rows = len(next(iter(batch.values())))
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(p.inner_epochs):
+            perm = rng.permutation(rows)
+            for start in range(0, rows, p.batch_size):
+                mb = {k: v[perm[start:start + p.batch_size]] for k, v in batch.items()}
+                dev = sharding.shard_batch(mb, self.ctx.mesh)
+                if self.step_fn is None:
+                    ref = self.ref if self.step_cfg.takes_reference_params else None
+                    self.step_fn = make_train_step(self.ctx.model_cfg, self.step_cfg, self.optimizer, self.schedule,
+                                                   self.ctx.mesh, self.state_sharding, mb, ref)
+                extra = (self.ref,) if self.step_cfg.takes_reference_params else ()
+                state, metrics = self.step_fn(state, dev, *extra)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if metrics.pop("nonfinite"):
+                    if not self.ctx.cfg.reliability.skip_nonfinite:
+                        raise NonFiniteError(f"[{phase}] a mini-batch gave a non-finite loss or gradient "
+                                             f"(loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); "
+                                             f"the state was not updated. Lower policy.learning_rate, or set "
+                                             f"reliability.skip_nonfinite=true.")
+                    self.ctx.count("nonfinite_steps_skipped")
+                    continue
+                count += 1
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        return state, {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def plan_rollouts(ctx: RunContext, num_rows: int) -> tuple[int, int, int]:
+    """(prompts per rollout batch, rollout batches per epoch, rollout batches in the phase)."""
+    p = ctx.cfg.policy
+    per = (p.rollout_batch_size or p.batch_size) // samples_per_prompt(ctx.cfg)
+    per_epoch = num_rows // per
+    if per_epoch < 1:
+        raise ConfigError(f"policy: {num_rows} prompts do not fill one rollout batch of {per} prompts "
+                          f"(policy.rollout_batch_size / samples per prompt); lower it or raise sample.limit.")
+    total = per_epoch * p.epochs
+    return per, per_epoch, min(total, p.max_steps) if p.max_steps else total
+
+
+def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> dict[str, float]:
+    cfg, p = ctx.cfg, ctx.cfg.policy
+    rows = prompts_of_round(ctx)
+    n = samples_per_prompt(cfg)
+    per, per_epoch, total = plan_rollouts(ctx, len(rows))
+    rollout_seqs = per * n
+    optimizer, schedule = make_optimizer(p.optim(), total * p.inner_epochs * (rollout_seqs // p.batch_size))
+    start_model = ctx.workdir.policy_model(phase.round - 1)
+    params = load_policy(ctx, start_model)
+    ref = load_policy(ctx, start_model if p.reference == "previous" else ctx.workdir.sft_model())
+    if p.kind == "ppo":
+        params[VALUE_HEAD] = init_value_head(ctx.model_cfg, ctx.mesh)
+    state = create_state(params, optimizer, ctx.mesh, donate=True)
+    updater = _Updater(ctx, optimizer, schedule, state, ref)
+    score = None if p.kind == "online_dil" else make_scorer(ctx, phase, rows, reward_fn)
+    longest = max(len(r.prompt_ids) for r in rows) + cfg.sample.max_new_tokens
+    length = bucket_for(longest, ctx.buckets + (longest,))  # one shape for every rollout batch: one compile
+    phase_dir = ctx.workdir.phase(phase)
+    checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=cfg.reliability.keep_checkpoints,
+                                     async_save=cfg.reliability.async_checkpointing)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, _ = checkpointer.restore(start, state)
+    writer = MetricsWriter(phase_dir / "tb", total_steps=total, desc=phase.name, show_progress=cfg.run.show_progress,
+                           initial_step=start)
+    base_seed = cfg.run.seed * 1_000_003 + phase.round * 10_007
+    try:
+        with PreemptionGuard() as guard:
+            for i in range(start, total):
+                epoch, b = divmod(i, per_epoch)
+                order = np.random.default_rng(base_seed + epoch).permutation(len(rows))
+                batch_rows = [rows[j] for j in order[b * per:(b + 1) * per]]
+                t0 = time.perf_counter()
+                res = draw(ctx, without_value_head(state.params), [r.prompt_ids.tolist() for r in batch_rows],
+                           num_samples=n, temperature=cfg.sample.temperature,
+                           max_new_tokens=cfg.sample.max_new_tokens, seed=(base_seed + 7919 * i) % 2**31)
+                flat_rows = [r for r in batch_rows for _ in range(n)]
+                rng = np.random.default_rng(base_seed + 104729 * (i + 1))
+                if p.kind == "online_dil":
+                    pairs = [make_pair(r, r.chosen, encode_response(ctx, r, t)) for r, t in zip(flat_rows, res.tokens)]
+                    batch = {k: v for k, v in pad_pair_batch(pairs, pad_id=ctx.encoder.pad_id,
+                                                             buckets=ctx.buckets).items() if k != "row_id"}
+                    state, metrics = updater.update(state, batch, rng, phase.name)
+                else:
+                    scores = score(flat_rows, [strip_eos(ctx, t) for t in res.tokens], res.stopped)
+                    arrays = rollout_arrays(ctx, flat_rows, res.tokens, length)
+                    batch, rollout_metrics = updater.targets(state, arrays, scores)
+                    state, metrics = updater.update(state, batch, rng, phase.name)
+                    metrics.update(rollout_metrics)  # objective/entropy: the rollout's, not the steps' old copy
+                tokens = sum(len(t) for t in res.tokens)
+                metrics.update({"val/num_eos_tokens": float(np.sum(res.stopped)), "response_length":
+                                tokens / len(res.tokens), "episode": float((i + 1) * len(res.tokens)),
+                                "tokens_per_second": tokens / (time.perf_counter() - t0)})
+                writer.log(i + 1, metrics, advance=1)
+                stop = guard.agreed()
+                if stop or (i + 1) % p.save_every == 0 or i + 1 == total:
+                    checkpointer.save(i + 1, state, None, {"phase": phase.name, "rollout_batch": i + 1}, force=stop)
+                if stop:
+                    checkpointer.wait()
+                    raise Preempted(phase.name, i + 1)
+        checkpointer.wait()
+    finally:
+        writer.close()
+        checkpointer.close()
+    save_model(ctx, without_value_head(state.params), phase)
+    return final_metrics(ctx, phase)
+
+
+KEPT = ("loss", "objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy", "policy/clipfrac",
+        "rewards/accuracies", "rewards/margins", "response_length")
+
+
+def final_metrics(ctx: RunContext, phase: Phase) -> dict[str, float]:
+    """The last rollout batch's objective / loss metrics, mean tokens/s (the first batch, which compiles, left out)
+    and the number of rollout batches."""
+    rows = [r for r in read_metrics(ctx.workdir.phase(phase) / "tb", latest_only=True) if r.get("split") == "train"]
+    if not rows:
+        return {}
+    out = {k: rows[-1][k] for k in KEPT if k in rows[-1]}
+    out["tokens_per_second"] = float(np.mean([r["tokens_per_second"] for r in rows[1:] or rows]))
+    out["steps"] = len(rows)
+    return out
