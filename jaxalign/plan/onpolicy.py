@@ -21,7 +21,6 @@ __all__ = ["REWARD_KINDS", "onpolicy_inputs", "plan_onpolicy"]
 def onpolicy_inputs(cfg, mcfg, mesh):
     """``(step_cfg, params, batch, resident, detail)``: the step's abstract params and mini-batch, and the abstract
     trees resident beside it (reference, reward model)."""
-    import jax
     import jax.numpy as jnp
 
     from jaxalign.models.value import VALUE_AXES, VALUE_HEAD
