@@ -177,7 +177,7 @@ def plan_rollouts(ctx: RunContext, num_rows: int) -> tuple[int, int, int]:
 
 def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> dict[str, float]:
     cfg, p = ctx.cfg, ctx.cfg.policy
-    rows = prompts_of_round(ctx)
+    rows = prompts_of_round(ctx, phase.round)
     n = samples_per_prompt(cfg)
     per, per_epoch, total = plan_rollouts(ctx, len(rows))
     rollout_seqs = per * n
