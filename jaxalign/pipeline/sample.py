@@ -43,7 +43,9 @@ def prompts_of_round(ctx: RunContext, round_: int) -> list:
     round (``sample.rotate``, every prompt once before any twice) or round 1's every round (SPIN's setting)."""
     rows = ctx.demonstrations
     s = ctx.cfg.sample
-    return [rows[i] for i in rotating_window(len(rows), s.limit or None, round_ if s.rotate else 1)]
+    # DITTO ranks this round's samples above earlier rounds' for the same prompts: its prompts stay fixed
+    rotate = s.rotate and ctx.cfg.policy.pairs != "ditto"
+    return [rows[i] for i in rotating_window(len(rows), s.limit or None, round_ if rotate else 1)]
 
 
 def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
