@@ -104,6 +104,12 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     if model_cfg.vocab_size < len(tokenizer):
         raise ConfigError(f"{workdir.base_model}: vocab_size {model_cfg.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens ({tok_path}).")
+    # the mesh and batch checks need no data: refuse them before the tokenisation cache writes anything
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise ConfigError(f"{e} (jax platform: {jax.devices()[0].platform})") from None
+    _check_batches(cfg, phases, mesh)
     reports: list[DataReport] = []
     train_records = _read(cfg.data.train, "data.train", reports)
     if not train_records:
@@ -123,11 +129,6 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     heldout_pairs = [pair_example(e) for e in heldout if e.rejected is not None][:limit]
     demos = encode_records(eval_all[:limit], encoder, "sft", DataReport(name="eval_prompts"))
     heldout_sft = [sft_example(e) for e in demos if e.chosen is not None][:limit]
-    try:
-        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as e:
-        raise ConfigError(f"{e} (jax platform: {jax.devices()[0].platform})") from None
-    _check_batches(cfg, phases, mesh)
     (workdir.root / "phases").mkdir(parents=True, exist_ok=True)
     barrier("jaxalign: context built")  # every process has read run.yaml (check_owner) before process 0 rewrites it
     if jax.process_index() == 0:
