@@ -2,7 +2,9 @@
 
 Tags are ``train/<name>`` and ``eval/<name>`` with TRL's names (``loss``, ``grad_norm``, ``learning_rate``,
 ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` ...) so curves overlay runs made with TRL. Each phase
-writes into its own tensorboard run directory. Only process 0 writes.
+writes into its own tensorboard run directory. Only process 0 writes. The directory may be a bucket (``gs://...``):
+tensorboardX writes there itself (through google-cloud-storage); metrics.jsonl, which a bucket cannot append to, is kept
+in a local file and uploaded whole every ``flush_secs`` and on close, as tensorboardX does with its event files.
 """
 from __future__ import annotations
 
@@ -12,21 +14,32 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
+
+from jaxalign.storage import is_remote, staging_dir
 
 
 class MetricsWriter:
-    def __init__(self, logdir: str | Path, *, total_steps: int, desc: str, show_progress: bool = True,
-                 initial_step: int = 0):
-        self.logdir = Path(logdir)
+    def __init__(self, logdir: str | epath.PathLike, *, total_steps: int, desc: str, show_progress: bool = True,
+                 initial_step: int = 0, flush_secs: float = 10):
+        self.logdir = epath.Path(logdir)
         self.main = jax.process_index() == 0
         self.tb = None
         self.bar = None
+        self.flush_secs = flush_secs
+        self._remote = None  # (bucket object, local staging folder) when the log lives in a bucket
         if self.main:
             from tensorboardX import SummaryWriter
 
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(self.logdir), flush_secs=10)
-            path = self.logdir / "metrics.jsonl"
+            self.tb = SummaryWriter(str(self.logdir), flush_secs=flush_secs)
+            path = Path(self.logdir / "metrics.jsonl")
+            if is_remote(self.logdir):
+                remote = self.logdir / "metrics.jsonl"
+                self._remote, self._uploaded = (remote, staging_dir()), time.time()
+                path = Path(self._remote[1].name) / remote.name
+                if remote.is_file():  # a resumed run appends to what the bucket holds
+                    path.write_bytes(remote.read_bytes())
             # A process killed mid-write can leave a partial last line: start the resumed run on a fresh line.
             torn = False
             if path.is_file() and path.stat().st_size > 0:
@@ -49,6 +62,8 @@ class MetricsWriter:
             self.tb.add_scalar(f"{prefix}/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
         self.jsonl.flush()  # one small write per step; a killed run keeps its log up to the last step
+        if self._remote is not None and time.time() - self._uploaded >= self.flush_secs:
+            self._upload()
         if self.bar is not None:
             if advance:
                 self.bar.update(advance)
@@ -62,12 +77,19 @@ class MetricsWriter:
             self.bar.close()
         self.tb.close()
         self.jsonl.close()
+        if self._remote is not None:
+            self._upload()
+            self._remote[1].cleanup()
+
+    def _upload(self) -> None:
+        self._remote[0].write_bytes(Path(self.jsonl.name).read_bytes())
+        self._uploaded = time.time()
 
 
-def read_metrics(logdir: str | Path, *, latest_only: bool = False) -> list[dict[str, Any]]:
+def read_metrics(logdir: str | epath.PathLike, *, latest_only: bool = False) -> list[dict[str, Any]]:
     """The logged records in file order. Lines torn by a killed process are skipped. A resumed run re-logs the steps
     after its last checkpoint; ``latest_only=True`` keeps only the last record of each (split, step), in step order."""
-    path = Path(logdir) / "metrics.jsonl"
+    path = epath.Path(logdir) / "metrics.jsonl"
     if not path.is_file():
         return []
     out = []

@@ -25,6 +25,7 @@ from jaxalign.models.hf_io import resolve_model_folder
 from jaxalign.pipeline.demo_task import build_demo_assets
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.workdir import WorkDir
+from jaxalign.storage import cache_root, is_remote
 
 
 @dataclasses.dataclass
@@ -65,7 +66,10 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     anything compiles; writes ``run.yaml`` once it all checks out."""
     workdir.check_owner(cfg, force=force)
     if cfg.run.demo_task:
-        assets = build_demo_assets(workdir.assets, seed=cfg.run.seed)
+        # the assets are a deterministic function of the seed, and the tokenizer / data readers want local files: a
+        # bucket work directory gets them built in the local cache instead (rebuilt identically on any machine)
+        where = cache_root() / f"demo_assets-seed{cfg.run.seed}" if is_remote(workdir.root) else workdir.assets
+        assets = build_demo_assets(where, seed=cfg.run.seed)
         cfg.model.path = cfg.model.path or str(assets.model_dir)
         cfg.model.tokenizer = cfg.model.tokenizer or str(assets.tokenizer_dir)
         cfg.data.train.source = cfg.data.train.source or str(assets.train_file)

@@ -9,11 +9,12 @@ from jax.experimental import multihost_utils
 from jaxalign.models import read_params, read_reward_params, save_params
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
+from jaxalign.storage import local_copy
 
 
 def load_policy(ctx: RunContext, folder: epath.PathLike) -> dict[str, jax.Array]:
-    """A causal LM's parameters, placed on the run's mesh."""
-    return read_params(folder, ctx.model_cfg, mesh=ctx.mesh)
+    """A causal LM's parameters, placed on the run's mesh (a bucket folder is read from a cached local copy)."""
+    return read_params(local_copy(folder), ctx.model_cfg, mesh=ctx.mesh)
 
 
 def load_reward(ctx: RunContext, folder: epath.PathLike, *, seed: int = 0) -> dict[str, jax.Array]:
@@ -22,7 +23,8 @@ def load_reward(ctx: RunContext, folder: epath.PathLike, *, seed: int = 0) -> di
 
 
 def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, reward: bool = False) -> epath.Path:
-    """Write the phase's final model to ``phases/<phase>/model`` (every process joins the gather; process 0 writes)."""
+    """Write the phase's final model to ``phases/<phase>/model`` (every process joins the gather; process 0 writes;
+    a bucket work directory gets a local folder uploaded)."""
     out = ctx.workdir.phase(phase) / "model"
     if jax.process_count() > 1:
         params = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in params.items()}

@@ -1,15 +1,15 @@
 """One training phase end to end: examples -> grain batches -> sharded steps -> orbax checkpoints -> final params.
 
 The pipeline's sft / reward / policy phases and the tests all call :func:`train`; a phase directory holds
-``checkpoints/`` (orbax, resumable) and ``tb/`` (tensorboard events + metrics.jsonl).
+``checkpoints/`` (orbax, resumable) and ``tb/`` (tensorboard events + metrics.jsonl); it may be a bucket folder.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+from etils import epath
 
 from jaxalign.checkpoint import PhaseCheckpointer
 from jaxalign.data.loader import pair_dataset, sft_dataset, total_batches
@@ -54,7 +54,7 @@ def train(
     cfg: ModelConfig,
     params: dict[str, jax.Array],
     examples: Sequence[dict],
-    phase_dir: str | Path,
+    phase_dir: str | epath.PathLike,
     mesh,
     step_cfg: StepConfig,
     optim: OptimConfig,
@@ -70,7 +70,7 @@ def train(
     """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save.
 
     ``params`` are donated to the train state (device arrays passed in are deleted): pass a copy to keep them."""
-    phase_dir = Path(phase_dir)
+    phase_dir = epath.Path(phase_dir)
     name = name or phase_dir.name
     total = phase_steps(len(examples), settings)
     optimizer, schedule = make_optimizer(optim, total)
