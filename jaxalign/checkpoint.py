@@ -1,9 +1,10 @@
 """Orbax checkpoints of a phase: train state, data-iterator state and a small JSON of metadata, saved together.
 
-Orbax writes each step into a temporary directory and renames it on commit, so a process killed mid-save leaves the
-previous step restorable; ``latest_step`` only ever sees committed steps (uncommitted ones are reported and ignored).
-Paths are ``etils.epath`` paths, so the checkpoints may live in a bucket (``gs://...``): orbax and grain write through
-epath, the arrays through tensorstore.
+Orbax writes each step into a temporary directory and renames it on commit (in a bucket, which cannot rename: into the
+step's folder, with a ``commit_success.txt`` written last), so a process killed mid-save leaves the previous step
+restorable; ``latest_step`` only ever sees committed steps (uncommitted ones are reported and ignored). Paths are
+``etils.epath`` paths, so the checkpoints may live in a bucket (``gs://...``): orbax and grain write through epath, the
+arrays through tensorstore.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class DiskFullError(RuntimeError):
 def _uncommitted(directory: epath.Path) -> list[str]:
     if not directory.is_dir():
         return []
+    if is_remote(directory):
+        # a bucket cannot rename a folder: orbax saves a step in place and writes commit_success.txt into it last
+        return sorted(p.name for p in directory.iterdir()
+                      if p.name.isdigit() and not (p / "commit_success.txt").exists())
     return sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
 

@@ -3,8 +3,9 @@
 Tags are ``train/<name>`` and ``eval/<name>`` with TRL's names (``loss``, ``grad_norm``, ``learning_rate``,
 ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` ...) so curves overlay runs made with TRL. Each phase
 writes into its own tensorboard run directory. Only process 0 writes. The directory may be a bucket (``gs://...``):
-tensorboardX writes there itself (through google-cloud-storage); metrics.jsonl, which a bucket cannot append to, is kept
-in a local file and uploaded whole every ``flush_secs`` and on close, as tensorboardX does with its event files.
+a bucket object cannot be appended to, so the event files and metrics.jsonl are written into a local folder whose
+changed files are uploaded whole every ``flush_secs`` and on close (tensorboardX's own GCS writer does the same, but
+re-uploads from its destructor at interpreter exit, which hangs for minutes when the network is gone).
 """
 from __future__ import annotations
 
@@ -27,19 +28,19 @@ class MetricsWriter:
         self.tb = None
         self.bar = None
         self.flush_secs = flush_secs
-        self._remote = None  # (bucket object, local staging folder) when the log lives in a bucket
+        self._staging = None  # the local folder uploaded to a bucket logdir
         if self.main:
             from tensorboardX import SummaryWriter
 
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(self.logdir), flush_secs=flush_secs)
-            path = Path(self.logdir / "metrics.jsonl")
+            local = Path(self.logdir)
             if is_remote(self.logdir):
-                remote = self.logdir / "metrics.jsonl"
-                self._remote, self._uploaded = (remote, staging_dir()), time.time()
-                path = Path(self._remote[1].name) / remote.name
-                if remote.is_file():  # a resumed run appends to what the bucket holds
-                    path.write_bytes(remote.read_bytes())
+                self._staging, self._uploaded, self._sizes = staging_dir(), time.time(), {}
+                local = Path(self._staging.name)
+                if (self.logdir / "metrics.jsonl").is_file():  # a resumed run appends to what the bucket holds
+                    (local / "metrics.jsonl").write_bytes((self.logdir / "metrics.jsonl").read_bytes())
+            self.tb = SummaryWriter(str(local), flush_secs=flush_secs)
+            path = local / "metrics.jsonl"
             # A process killed mid-write can leave a partial last line: start the resumed run on a fresh line.
             torn = False
             if path.is_file() and path.stat().st_size > 0:
@@ -62,7 +63,8 @@ class MetricsWriter:
             self.tb.add_scalar(f"{prefix}/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
         self.jsonl.flush()  # one small write per step; a killed run keeps its log up to the last step
-        if self._remote is not None and time.time() - self._uploaded >= self.flush_secs:
+        if self._staging is not None and time.time() - self._uploaded >= self.flush_secs:
+            self.tb.flush()
             self._upload()
         if self.bar is not None:
             if advance:
@@ -77,12 +79,17 @@ class MetricsWriter:
             self.bar.close()
         self.tb.close()
         self.jsonl.close()
-        if self._remote is not None:
+        if self._staging is not None:
             self._upload()
-            self._remote[1].cleanup()
+            self._staging.cleanup()
 
     def _upload(self) -> None:
-        self._remote[0].write_bytes(Path(self.jsonl.name).read_bytes())
+        """Copy the staged files that changed since the last upload (event files, metrics.jsonl) to the bucket."""
+        for f in Path(self._staging.name).iterdir():
+            size = f.stat().st_size
+            if self._sizes.get(f.name) != size:
+                (self.logdir / f.name).write_bytes(f.read_bytes())
+                self._sizes[f.name] = size
         self._uploaded = time.time()
 
 

@@ -56,7 +56,7 @@ def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
         return
     tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
     tmp.write_bytes(raw)
-    tmp.rename(path)
+    os.replace(tmp, path)  # (epath's rename refuses an existing target)
 
 
 def _copy_file(src: epath.Path, dst: epath.Path) -> None:
@@ -93,8 +93,8 @@ def upload_folder(local: str | os.PathLike, remote: epath.PathLike) -> epath.Pat
 def local_copy(folder: str | os.PathLike) -> Path:
     """A local folder with the files of ``folder``: ``folder`` itself when local, else a cached download of it.
 
-    The cache key holds the remote path and every object's relative name, size, generation and hashes, so a folder rewritten in
-    the bucket is downloaded again while an unchanged one is read from disk. The download goes to a temporary sibling
+    The cache key holds the remote path and every object's relative name, size, generation and hashes, so a folder
+    rewritten in the bucket is downloaded again while an unchanged one is read from disk. The download goes to a temporary sibling
     renamed into place, so processes sharing the cache never see a half-copied folder.
     """
     if not is_remote(folder):
