@@ -64,13 +64,21 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
         self.jsonl.flush()  # one small write per step; a killed run keeps its log up to the last step
         if self._staging is not None and time.time() - self._uploaded >= self.flush_secs:
-            self.tb.flush()
-            self._upload()
+            self.flush()
         if self.bar is not None:
             if advance:
                 self.bar.update(advance)
             shown = {k: flat[k] for k in ("loss", "rewards/accuracies", "grad_norm", "tokens_per_second") if k in flat}
             self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def flush(self) -> None:
+        """Make what was logged so far durable (the loop calls it at every checkpoint, so a run resumed from one finds
+        the log of every step before it; in a bucket this is an upload)."""
+        if not self.main:
+            return
+        self.tb.flush()
+        if self._staging is not None:
+            self._upload()
 
     def close(self) -> None:
         if not self.main:

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -28,16 +29,22 @@ def _free_port() -> int:
 
 
 def env_for(url: str) -> dict[str, str]:
-    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, **GCSFS_QUIET}
+    # no credentials here: tensorstore then asks the GCE metadata server, whose name does not resolve on this machine
+    # and costs about a minute of retries per process; a closed local port makes that lookup fail at once
+    no_metadata = {"GCE_METADATA_ROOT": "127.0.0.1:1", "GCE_METADATA_HOST": "127.0.0.1:1"}
+    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, **GCSFS_QUIET, **no_metadata}
 
 
 @contextlib.contextmanager
 def running(bucket: str, *, timeout: float = 60):
     """Start the emulator with ``bucket`` on a free port; yields its URL; stops it on exit."""
     port = _free_port()
+    # its output goes to a file, never a pipe: the server prints a traceback for every dropped connection, and an
+    # unread pipe fills up and stops it mid-request
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, __file__, "start", "--host=127.0.0.1", f"--port={port}",
                              f"--default-bucket={bucket}", "--in-memory", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.time()
@@ -49,7 +56,8 @@ def running(bucket: str, *, timeout: float = 60):
             except OSError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(f"the GCS emulator exited: {proc.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"the GCS emulator exited: {log.read().decode()[-2000:]}")
             if time.time() - t0 > timeout:
                 raise RuntimeError(f"the GCS emulator did not answer on {url} within {timeout} s")
             time.sleep(0.2)
@@ -61,7 +69,7 @@ def running(bucket: str, *, timeout: float = 60):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        log.close()
 
 
 def _serve(argv: list[str]) -> None:

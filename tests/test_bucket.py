@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -177,9 +178,13 @@ def test_metrics_writer_in_a_bucket_appends_on_resume(bucket):
     for step in (2, 3):
         w.log(step, {"loss": 1.0 / step})
     w.close()
-    # resumed from a step-2 checkpoint: step 3 is logged again, then step 4; the buffered writer uploads on close
+    time.sleep(1.1)  # tensorboardX names event files by the second: two writers within one would share the name
+    # resumed from a step-2 checkpoint: step 3 is logged again, then step 4; this writer uploads on flush and close
     w = MetricsWriter(logdir, total_steps=4, desc="t", show_progress=False, initial_step=2, flush_secs=3600)
     w.log(3, {"loss": 0.3})
+    assert len(bucket.blob("metrics/tb/metrics.jsonl").download_as_text().splitlines()) == 3
+    w.flush()  # (the training loop flushes at every checkpoint)
+    assert len(bucket.blob("metrics/tb/metrics.jsonl").download_as_text().splitlines()) == 4
     w.log(4, {"loss": 0.25})
     w.close()
     rows = [json.loads(x) for x in bucket.blob("metrics/tb/metrics.jsonl").download_as_text().split("\n") if x]
@@ -274,8 +279,8 @@ PHASES = ("sft", "eval0", "r1_sample", "r1_reward", "r1_policy", "r1_eval")
 
 
 def _demo(workdir: str, cache) -> subprocess.Popen:
-    keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "JAXALIGN_CACHE_DIR")
-    env = {**tiny_recipe.subprocess_env(cache), **{k: os.environ[k] for k in keys}}
+    env = {**tiny_recipe.subprocess_env(cache), **gcs_emulator.env_for(os.environ["STORAGE_EMULATOR_HOST"]),
+           "JAXALIGN_CACHE_DIR": os.environ["JAXALIGN_CACHE_DIR"]}
     return subprocess.Popen([sys.executable, str(LAUNCHER), "--config", "demo_cpu", "--workdir", workdir,
                              *BUCKET_DEMO], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -291,8 +296,6 @@ def _committed(bucket, prefix: str) -> set[int]:
 def test_demo_runs_resumes_and_skips_in_a_bucket(bucket, tmp_path):
     """The demo with ``--workdir gs://...``: killed once the first SFT checkpoint is in the bucket, re-run to the end
     (the SFT phase resumes from that checkpoint), then re-run again: every phase is skipped."""
-    import time
-
     workdir, cache = _url("demo"), tmp_path / "jax_cache"
     proc = _demo(workdir, cache)
     t0 = time.time()
