@@ -1,35 +1,45 @@
 """Orbax checkpoints of a phase: train state, data-iterator state and a small JSON of metadata, saved together.
 
-Orbax writes each step into a temporary directory and renames it on commit, so a process killed mid-save leaves the
-previous step restorable; ``latest_step`` only ever sees committed steps (uncommitted ones are reported and ignored).
+Orbax writes each step into a temporary directory and renames it on commit (in a bucket, which cannot rename: into the
+step's folder, with a ``commit_success.txt`` written last), so a process killed mid-save leaves the previous step
+restorable; ``latest_step`` only ever sees committed steps (uncommitted ones are reported and ignored). Paths are
+``etils.epath`` paths, so the checkpoints may live in a bucket (``gs://...``): orbax and grain write through epath, the
+arrays through tensorstore.
 """
 from __future__ import annotations
 
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxalign.storage import is_remote
 
 
 class DiskFullError(RuntimeError):
     pass
 
 
-def _uncommitted(directory: Path) -> list[str]:
+def _uncommitted(directory: epath.Path) -> list[str]:
     if not directory.is_dir():
         return []
+    if is_remote(directory):
+        # a bucket cannot rename a folder: orbax saves a step in place and writes commit_success.txt into it last
+        return sorted(p.name for p in directory.iterdir()
+                      if p.name.isdigit() and not (p / "commit_success.txt").exists())
     return sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
 
 class PhaseCheckpointer:
     """Save every N steps, keep the last K, restore the latest committed step."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True,
+    def __init__(self, directory: str | epath.PathLike, *, keep: int = 2, async_save: bool = True,
                  min_free_bytes: int = 0):
-        self.directory = Path(directory).absolute()
+        directory = epath.Path(directory)
+        self.directory = directory if is_remote(directory) else directory.absolute()
         self.min_free_bytes = min_free_bytes
         self.ignored = _uncommitted(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -40,6 +50,8 @@ class PhaseCheckpointer:
         return self.manager.latest_step()
 
     def check_disk(self, need_bytes: int) -> None:
+        if is_remote(self.directory):
+            return  # a bucket has no free space to ask about; a failed write raises from orbax itself
         free = shutil.disk_usage(self.directory).free
         if free < need_bytes + self.min_free_bytes:
             raise DiskFullError(
@@ -82,7 +94,7 @@ class PhaseCheckpointer:
         self.manager.close()
 
 
-def _restore_data_elastic(data_dir: Path, data_iter: Any) -> None:
+def _restore_data_elastic(data_dir: epath.Path, data_iter: Any) -> None:
     """Restore a data iterator saved by a different number of processes (e.g. a 2-process run resumed on 1).
 
     grain names each process's iterator state ``process_{i}-of-{n}.json``. The loaders in ``jaxalign.data.loader``
@@ -106,8 +118,11 @@ def _restore_data_elastic(data_dir: Path, data_iter: Any) -> None:
         data_iter.start_prefetch()
 
 
-def free_bytes(path: str | Path) -> int:
-    path = Path(path)
+def free_bytes(path: str | epath.PathLike) -> int | None:
+    """Free bytes on the disk that holds ``path`` (or would hold it); None for a bucket."""
+    if is_remote(path):
+        return None
+    path = epath.Path(path)
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free

@@ -5,7 +5,10 @@ Tags are ``train/<name>`` and ``eval/<name>`` with TRL's names (``loss``, ``grad
 ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` ...) so curves overlay runs made with TRL. Each phase
 writes into its own tensorboard run directory and, with ``"wandb"`` among the trackers, its own wandb run (grouped by
 the run's name). The trackers get a train step every ``logging_steps`` steps and the last one always; metrics.jsonl
-gets every step. Only process 0 writes.
+gets every step. Only process 0 writes The directory may be a bucket (``gs://...``):
+a bucket object cannot be appended to, so the event files and metrics.jsonl are written into a local folder whose
+changed files are uploaded whole every ``flush_secs`` and on close (tensorboardX's own GCS writer does the same, but
+re-uploads from its destructor at interpreter exit, which hangs for minutes when the network is gone).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+from etils import epath
+
+from jaxalign.storage import is_remote, staging_dir
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -54,24 +60,26 @@ def _import_wandb():
 
 
 class _TensorBoard:
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, *, flush_secs: float):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(logdir), flush_secs=10)
+        self.writer = SummaryWriter(str(logdir), flush_secs=flush_secs)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
 
 
 class _Wandb:
-    def __init__(self, logdir: Path, *, run_name: str, phase: str, project: str, config: dict[str, Any] | None):
+    def __init__(self, logdir: Path, *, run_id: str, run_name: str, phase: str, project: str,
+                 config: dict[str, Any] | None):
         wandb = _import_wandb()
-        # one id per phase directory: a resumed phase continues its own wandb run instead of starting another
-        run_id = hashlib.sha1(str(logdir.resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
             project=project or "jaxalign", name=f"{run_name}/{phase}" if run_name else phase, group=run_name or None,
             job_type=phase, id=run_id, resume="allow", config=config, dir=os.environ.get("WANDB_DIR") or str(logdir),
@@ -81,34 +89,51 @@ class _Wandb:
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
 
+    def flush(self) -> None:
+        pass  # wandb streams on its own
+
     def close(self) -> None:
         self.run.finish()
 
 
+def _run_id(logdir: epath.Path) -> str:
+    """One wandb id per phase directory: a resumed phase continues its own wandb run instead of starting another."""
+    where = str(logdir) if is_remote(logdir) else str(Path(logdir).resolve())
+    return hashlib.sha1(where.encode()).hexdigest()[:16]
+
+
 class MetricsWriter:
-    def __init__(self, logdir: str | Path, *, total_steps: int, desc: str, show_progress: bool = True,
+    def __init__(self, logdir: str | epath.PathLike, *, total_steps: int, desc: str, show_progress: bool = True,
                  initial_step: int = 0, trackers: str | Sequence[str] = ("tensorboard",), logging_steps: int = 1,
-                 run_name: str = "", wandb_project: str = "", config: dict[str, Any] | None = None):
+                 run_name: str = "", wandb_project: str = "", config: dict[str, Any] | None = None, flush_secs: float = 10):
         """``trackers``: any of TRACKERS (names or "tensorboard,wandb"); ``logging_steps``: the trackers get every N-th train step and the last;
         ``run_name`` / ``wandb_project`` / ``config``: the wandb run's group and name prefix, project and config."""
         if logging_steps < 1:
             raise TrackerError(f"logging_steps={logging_steps}: must be >= 1.")
-        self.logdir = Path(logdir)
+        self.logdir = epath.Path(logdir)
         self.main = jax.process_index() == 0
         self.total_steps = total_steps
         self.logging_steps = logging_steps
         self.trackers: list = []
         self.bar = None
         self._pending: tuple[int, dict[str, float]] | None = None  # the last train step the trackers skipped
+        self.flush_secs = flush_secs
+        self._staging = None  # the local folder uploaded to a bucket logdir
         if self.main:
             trackers = check_trackers(trackers)
             self.logdir.mkdir(parents=True, exist_ok=True)
+            local = Path(self.logdir)
+            if is_remote(self.logdir):
+                self._staging, self._uploaded, self._sizes = staging_dir(), time.time(), {}
+                local = Path(self._staging.name)
+                if (self.logdir / "metrics.jsonl").is_file():  # a resumed run appends to what the bucket holds
+                    (local / "metrics.jsonl").write_bytes((self.logdir / "metrics.jsonl").read_bytes())
             if "tensorboard" in trackers:
-                self.trackers.append(_TensorBoard(self.logdir))
+                self.trackers.append(_TensorBoard(local, flush_secs=flush_secs))
             if "wandb" in trackers:
-                self.trackers.append(_Wandb(self.logdir, run_name=run_name, phase=desc, project=wandb_project,
-                                            config=config))
-            path = self.logdir / "metrics.jsonl"
+                self.trackers.append(_Wandb(local, run_id=_run_id(self.logdir), run_name=run_name, phase=desc,
+                                            project=wandb_project, config=config))
+            path = local / "metrics.jsonl"
             # A process killed mid-write can leave a partial last line: start the resumed run on a fresh line.
             torn = False
             if path.is_file() and path.stat().st_size > 0:
@@ -142,11 +167,24 @@ class MetricsWriter:
             self._pending = (step, tagged)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
         self.jsonl.flush()  # one small write per step; a killed run keeps its log up to the last step
+        if self._staging is not None and time.time() - self._uploaded >= self.flush_secs:
+            self.flush()
         if self.bar is not None:
             if advance:
                 self.bar.update(advance)
             shown = {k: flat[k] for k in ("loss", "rewards/accuracies", "grad_norm", "tokens_per_second") if k in flat}
             self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def flush(self) -> None:
+        """Make what was logged so far durable (the loop calls it at every checkpoint, so a run resumed from one finds
+        the log of every step before it; in a bucket this is an upload)."""
+        if not self.main:
+            return
+        for tracker in self.trackers:
+            tracker.flush()
+        self.jsonl.flush()
+        if self._staging is not None:
+            self._upload()
 
     def close(self) -> None:
         if not self.main:
@@ -159,12 +197,24 @@ class MetricsWriter:
         for tracker in self.trackers:
             tracker.close()
         self.jsonl.close()
+        if self._staging is not None:
+            self._upload()
+            self._staging.cleanup()
+
+    def _upload(self) -> None:
+        """Copy the staged files that changed since the last upload (event files, metrics.jsonl) to the bucket."""
+        for f in Path(self._staging.name).iterdir():
+            size = f.stat().st_size
+            if self._sizes.get(f.name) != size:
+                (self.logdir / f.name).write_bytes(f.read_bytes())
+                self._sizes[f.name] = size
+        self._uploaded = time.time()
 
 
-def read_metrics(logdir: str | Path, *, latest_only: bool = False) -> list[dict[str, Any]]:
+def read_metrics(logdir: str | epath.PathLike, *, latest_only: bool = False) -> list[dict[str, Any]]:
     """The logged records in file order. Lines torn by a killed process are skipped. A resumed run re-logs the steps
     after its last checkpoint; ``latest_only=True`` keeps only the last record of each (split, step), in step order."""
-    path = Path(logdir) / "metrics.jsonl"
+    path = epath.Path(logdir) / "metrics.jsonl"
     if not path.is_file():
         return []
     out = []

@@ -23,6 +23,7 @@ from jaxalign.models.config import ModelConfig, ModelConfigError, load_config
 from jaxalign.models.decoder import LAYER_NAMES, LOGICAL_AXES, TOP_LEVEL, param_shapes
 from jaxalign.models.hf_names import (hf_prefix, hf_to_layer, hf_top_names, layer_sources, layer_to_hf,
                                      lm_head_name)
+from jaxalign.storage import is_remote, local_copy, staging_dir, upload_folder
 
 # ---- reading safetensors -------------------------------------------------------------------------------------------
 
@@ -163,7 +164,10 @@ def read_params(folder: Path, cfg: ModelConfig, *, mesh=None, prefix_override: s
 
 
 def resolve_model_folder(path: str | Path) -> Path:
-    """A local folder, or a hub id resolved through huggingface_hub's cache / download."""
+    """A local folder, a bucket folder (``gs://...``, copied once into a local cache), or a hub id resolved through
+    huggingface_hub's cache / download."""
+    if is_remote(path):
+        return local_copy(path)
     p = Path(path)
     if p.is_dir():
         return p
@@ -259,8 +263,14 @@ def _iter_hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array],
 
 def write_checkpoint(folder: str | Path, config: dict[str, Any], tensors: Iterator[tuple[str, np.ndarray]],
                      max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write config.json and safetensors shards (with an index when more than one) from a stream of tensors."""
+    """Write config.json and safetensors shards (with an index when more than one) from a stream of tensors. A bucket
+    folder (``gs://...``) is written locally, then uploaded (safetensors writes local files only)."""
     from safetensors.numpy import save_file
+
+    if is_remote(folder):
+        with staging_dir() as local:
+            write_checkpoint(local, config, tensors, max_shard_bytes)
+            return upload_folder(local, folder)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from jaxalign.pipeline.demo_task import build_demo_assets
 from jaxalign.pipeline.hosts import barrier, process_zero_first
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.workdir import WorkDir
+from jaxalign.storage import cache_root, is_remote
 
 
 @dataclasses.dataclass
@@ -58,13 +59,13 @@ class RunContext:
 
 
 def _cache_dir(cfg: Config, workdir: WorkDir) -> Path | None:
-    """data.cache: the tokenised-data cache is a local folder (a bucket work directory caches under ~/.cache)."""
+    """data.cache: the tokenised-data cache is a local folder (a bucket work directory caches under the local cache
+    root, ``JAXALIGN_CACHE_DIR`` or ~/.cache/jaxalign)."""
     if cfg.data.cache == "off":
         return None
     if cfg.data.cache != "auto":
         return Path(cfg.data.cache)
-    root = str(workdir.root)
-    return Path.home() / ".cache" / "jaxalign" / "tokenized" if "://" in root else Path(root) / "cache" / "tokenized"
+    return cache_root() / "tokenized" if is_remote(workdir.root) else Path(workdir.root) / "cache" / "tokenized"
 
 
 def _read(ds, key: str, reports: list[DataReport]):
@@ -80,8 +81,10 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     anything compiles; writes ``run.yaml`` once it all checks out."""
     workdir.check_owner(cfg, force=force)
     if cfg.run.demo_task:
-        assets = process_zero_first(lambda: build_demo_assets(workdir.assets, seed=cfg.run.seed),
-                                    "jaxalign: demo assets built")
+        # the assets are a deterministic function of the seed, and the tokenizer / data readers want local files: a
+        # bucket work directory gets them built in each host's local cache instead (rebuilt identically anywhere)
+        where = cache_root() / f"demo_assets-seed{cfg.run.seed}" if is_remote(workdir.root) else workdir.assets
+        assets = process_zero_first(lambda: build_demo_assets(where, seed=cfg.run.seed), "jaxalign: demo assets built")
         cfg.model.path = cfg.model.path or str(assets.model_dir)
         cfg.model.tokenizer = cfg.model.tokenizer or str(assets.tokenizer_dir)
         cfg.data.train.source = cfg.data.train.source or str(assets.train_file)

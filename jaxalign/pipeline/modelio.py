@@ -2,6 +2,8 @@
 folders in the work directory — the hand-off between phases and what users load."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 from etils import epath
 
@@ -11,11 +13,12 @@ from jaxalign.models.hub import hub_repo_id, push_to_hub
 from jaxalign.sharding import to_host
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
+from jaxalign.storage import is_remote, local_copy, staging_dir, upload_folder
 
 
 def load_policy(ctx: RunContext, folder: epath.PathLike) -> dict[str, jax.Array]:
-    """A causal LM's parameters, placed on the run's mesh."""
-    return read_params(folder, ctx.model_cfg, mesh=ctx.mesh)
+    """A causal LM's parameters, placed on the run's mesh (a bucket folder is read from a cached local copy)."""
+    return read_params(local_copy(folder), ctx.model_cfg, mesh=ctx.mesh)
 
 
 def load_reward(ctx: RunContext, folder: epath.PathLike, *, seed: int = 0) -> dict[str, jax.Array]:
@@ -24,13 +27,25 @@ def load_reward(ctx: RunContext, folder: epath.PathLike, *, seed: int = 0) -> di
 
 
 def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, reward: bool = False) -> epath.Path:
-    """Write the phase's final model to ``phases/<phase>/model`` (every process joins the gather; process 0 writes)."""
+    """Write the phase's final model to ``phases/<phase>/model`` (every process joins the gather; process 0 writes;
+    a bucket work directory gets a local folder uploaded)."""
     out = ctx.workdir.phase(phase) / "model"
     if jax.process_count() > 1:
         params = {k: to_host(v) for k, v in params.items()}
-    if jax.process_index() == 0:
-        save_params(params, ctx.model_cfg, out, head="sequence_classification" if reward else "causal_lm")
+    if jax.process_index() != 0:
+        return out
+    head = "sequence_classification" if reward else "causal_lm"
+    if not is_remote(out):
+        save_params(params, ctx.model_cfg, out, head=head)
         export(ctx, out, phase, reward=reward)
+        return out
+    with staging_dir() as tmp:  # the tokenizer and transformers write local files: finish the folder, then upload it
+        local = Path(tmp) / "model"
+        save_params(params, ctx.model_cfg, local, head=head)
+        export(ctx, local, phase, reward=reward)
+        if (Path(tmp) / "export").is_dir():
+            upload_folder(Path(tmp) / "export", out.parent / "export")
+        upload_folder(local, out)
     return out
 
 

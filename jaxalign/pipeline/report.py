@@ -1,6 +1,7 @@
 """``report.md`` with PNG plots, rewritten after every phase: people would rather look than read."""
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -60,9 +61,17 @@ def _table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: epath.Path) -> None:
+    # rendered in memory and written through epath: the work directory may be a bucket
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+
+
 def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
     out_dir = ctx.workdir.plots
-    out_dir.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     made = []
     keys = [k for k in ROUND_KEYS[:3] if any(k in r for r in table)]
     if keys:
@@ -77,8 +86,7 @@ def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
         ax.legend()
         ax.set_title("per-round evaluation")
         fig.tight_layout()
-        fig.savefig(out_dir / "rounds.png", dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir / "rounds.png")
         made.append("plots/rounds.png")
     curves = []
     for phase in ctx.phases:
@@ -107,8 +115,7 @@ def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
             if ax.get_legend_handles_labels()[0]:  # (no accuracy curve before a reward / policy phase)
                 ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / "curves.png", dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir / "curves.png")
         made.append("plots/curves.png")
     return made
 

@@ -11,7 +11,8 @@ Layout::
     phases/rK_sample/samples.json, phases/*eval*/eval.json
     report.md, plots/*.png
 
-Paths are ``etils.epath`` paths (orbax's own path layer), so the same code addresses a local folder or a bucket.
+Paths are ``etils.epath`` paths (orbax's own path layer), so the same code addresses a local folder or a bucket
+(``gs://bucket/run``); :mod:`jaxalign.storage` holds what differs between the two.
 """
 from __future__ import annotations
 
@@ -23,14 +24,7 @@ from etils import epath
 
 from jaxalign.config import Config, ConfigError
 from jaxalign.pipeline.phases import Phase
-
-
-def write_atomic(path: epath.Path, text: str) -> None:
-    """Write ``text`` so that a process killed at any moment leaves either the old file or the new one (a torn
-    done.json would otherwise make the next run fail to read it)."""
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
+from jaxalign.storage import write_atomic
 
 
 class WorkDir:
@@ -72,6 +66,7 @@ class WorkDir:
         return json.loads(marker.read_text()) if marker.is_file() else None
 
     def mark_done(self, phase: Phase, info: dict[str, Any]) -> None:
+        # atomic: a torn done.json would make the next run fail to read it
         write_atomic(self.phase(phase) / "done.json", json.dumps(info, indent=2))
 
     # ---- which model a phase starts from --------------------------------------------------------------------------

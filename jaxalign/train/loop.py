@@ -148,6 +148,7 @@ def run_loop(
             stop = guard.agreed()
             if stop or step % save_every == 0 or step == total_steps:
                 checkpointer.save(step, state, it, {"phase": phase, "step": step}, force=stop)
+                writer.flush()  # a run resumed from this checkpoint re-logs only the steps after it
             if stop:
                 checkpointer.wait()
                 raise Preempted(phase, step)

@@ -8,25 +8,26 @@ whole phase instead of one per example per epoch, and no reference weights on th
 
 The cache is one ``.npz`` per (dataset, model, reduction): its name holds a fingerprint of the examples' token ids and
 loss masks, and of the model (its config and a hash of every parameter's bytes), so a changed dataset or reference model
-never reuses stale values.
+never reuses stale values. The cache folder may be a bucket (``gs://...``): it is read and written through epath.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from jaxalign import sharding
 from jaxalign.sharding import to_host
 from jaxalign.data.loader import pad_pair_batch
 from jaxalign.models.config import ModelConfig
+from jaxalign.storage import write_atomic
 from jaxalign.train.steps import make_eval_logps
 
 _ARRAY_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
@@ -58,8 +59,9 @@ def model_fingerprint(params: dict[str, Any], cfg: ModelConfig, reduce: str) -> 
     return h.hexdigest()
 
 
-def cache_path(cache_dir: str | Path, examples: Sequence[dict], params, cfg: ModelConfig, reduce: str) -> Path:
-    return Path(cache_dir) / (f"ref_logps-{reduce}-data{dataset_fingerprint(examples)[:20]}-"
+def cache_path(cache_dir: str | epath.PathLike, examples: Sequence[dict], params, cfg: ModelConfig,
+               reduce: str) -> epath.Path:
+    return epath.Path(cache_dir) / (f"ref_logps-{reduce}-data{dataset_fingerprint(examples)[:20]}-"
                               f"model{model_fingerprint(params, cfg, reduce)[:20]}.npz")
 
 
@@ -78,7 +80,7 @@ def precompute_reference_logps(
     batch_size: int,
     pad_id: int,
     buckets: Sequence[int],
-    cache_dir: str | Path | None = None,
+    cache_dir: str | epath.PathLike | None = None,
 ) -> list[dict]:
     """Return copies of ``examples`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` (floats) added.
 
@@ -95,7 +97,7 @@ def precompute_reference_logps(
     if cache_dir is not None:
         path = cache_path(cache_dir, examples, params, cfg, reduce)
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(io.BytesIO(path.read_bytes())) as z:
                 chosen, rejected, rows = z["chosen"], z["rejected"], z["row_id"]
             if len(chosen) == len(examples) and np.array_equal(rows, [int(e["row_id"]) for e in examples]):
                 print(f"reference log-probs: read {len(examples)} rows from the cache {path}")
@@ -123,9 +125,9 @@ def precompute_reference_logps(
         chosen[where], rejected[where] = c, r
     if path is not None and pid == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, chosen=chosen, rejected=rejected, row_id=np.asarray([int(e["row_id"]) for e in examples]))
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, chosen=chosen, rejected=rejected, row_id=np.asarray([int(e["row_id"]) for e in examples]))
+        write_atomic(path, buf.getvalue())
         print(f"reference log-probs: computed {n} rows, cached at {path}")
     return _with_fields(examples, chosen, rejected)
 

@@ -1,15 +1,15 @@
 """One training phase end to end: examples -> grain batches -> sharded steps -> orbax checkpoints -> final params.
 
 The pipeline's sft / reward / policy phases and the tests all call :func:`train`; a phase directory holds
-``checkpoints/`` (orbax, resumable) and ``tb/`` (tensorboard events + metrics.jsonl).
+``checkpoints/`` (orbax, resumable) and ``tb/`` (tensorboard events + metrics.jsonl); it may be a bucket folder.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+from etils import epath
 
 from jaxalign.checkpoint import PhaseCheckpointer
 from jaxalign import sharding
@@ -82,7 +82,7 @@ def train(
     cfg: ModelConfig,
     params: dict[str, jax.Array],
     examples: Sequence[dict],
-    phase_dir: str | Path,
+    phase_dir: str | epath.PathLike,
     mesh,
     step_cfg: StepConfig,
     optim: OptimConfig,
@@ -102,7 +102,7 @@ def train(
     ``params`` are donated to the train state (device arrays passed in are deleted): pass a copy to keep them.
     ``eval_examples``: held-out examples evaluated every ``eval_every`` steps (0: only) and at the last step, logged
     with the ``eval`` prefix (tensorboard ``eval/loss``, ``eval/rewards/accuracies``: TRL's tags)."""
-    phase_dir = Path(phase_dir)
+    phase_dir = epath.Path(phase_dir)
     name = name or phase_dir.name
     total = phase_steps(len(examples), settings)
     optimizer, schedule = make_optimizer(optim, total)
