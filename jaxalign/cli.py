@@ -106,7 +106,7 @@ class _HelpWithKeys(argparse.RawDescriptionHelpFormatter):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxalign", description=__doc__, formatter_class=_HelpWithKeys)
     ap.add_argument("--config", default="demo_cpu", help="a name in configs/ or a YAML path (default: demo_cpu)")
-    ap.add_argument("--workdir", default=None, help="where the run writes (default runs/<run.name>); on several hosts a folder all of them share")
+    ap.add_argument("--workdir", default=None, help="where the run writes (default runs/<run.name>); a local folder or a bucket (gs://BUCKET/PATH); on several hosts one all of them see")
     ap.add_argument("--plan", default=None, metavar="TOPOLOGY", help="AOT-compile every phase for a TPU topology")
     ap.add_argument("--force", action="store_true", help="redo phases whose config changed / reuse another run's dir")
     ap.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",

@@ -5,7 +5,7 @@ Tags are ``train/<name>`` and ``eval/<name>`` with TRL's names (``loss``, ``grad
 ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` ...) so curves overlay runs made with TRL. Each phase
 writes into its own tensorboard run directory and, with ``"wandb"`` among the trackers, its own wandb run (grouped by
 the run's name). The trackers get a train step every ``logging_steps`` steps and the last one always; metrics.jsonl
-gets every step. Only process 0 writes The directory may be a bucket (``gs://...``):
+gets every step. Only process 0 writes. The directory may be a bucket (``gs://...``):
 a bucket object cannot be appended to, so the event files and metrics.jsonl are written into a local folder whose
 changed files are uploaded whole every ``flush_secs`` and on close (tensorboardX's own GCS writer does the same, but
 re-uploads from its destructor at interpreter exit, which hangs for minutes when the network is gone).

@@ -10,7 +10,8 @@ from jaxalign.plan.tpu import GiB, Slice
 FIT_MARGIN = 0.9  # FITS below this fraction of the usable HBM, TIGHT up to 1.0
 OUTSIDE = ("train phases: nothing (the pipeline's train() donates the loaded params to the train state: "
            "create_state(donate=True), so the step's params are the only copy); sampling: the param_dtype params the "
-           "phase loaded, next to the compute-dtype copies the sampler makes")
+           "phase loaded, next to the compute-dtype copies the sampler makes; on-policy steps (policy.kind rloo / grpo / "
+           "ppo): the round's reward model, resident for the rollouts' scoring")
 
 
 def _gib(x: float) -> str:
