@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import os
 import sys
 import tokenize
 import typing
@@ -139,7 +140,10 @@ def _stop_on_sigterm():
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_configs:
-        print(list_configs())
+        try:
+            print(list_configs(), flush=True)
+        except BrokenPipeError:  # `jaxalign --list-configs | head`: the reader left, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     from jaxalign import config as config_lib
