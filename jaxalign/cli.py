@@ -97,15 +97,16 @@ def list_configs() -> str:
     return f"recipes in {CONFIG_DIR}:\n" + "\n".join(f"  {n:<{width}}  {d}" for n, d in rows)
 
 
-class _HelpWithKeys(argparse.RawDescriptionHelpFormatter):
-    """argparse's help plus the config keys; built when --help is asked for, so a new key appears by itself."""
+class _ParserWithKeys(argparse.ArgumentParser):
+    """argparse's help plus the config keys; built when --help is asked for, so a new key appears by itself (on the
+    parser, not its formatter: argparse formats the usage line with the formatter too)."""
 
     def format_help(self) -> str:
         return super().format_help() + "\nconfig keys (set any as key=value):\n" + config_keys_help() + "\n"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jaxalign", description=__doc__, formatter_class=_HelpWithKeys)
+    ap = _ParserWithKeys(prog="jaxalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo_cpu", help="a name in configs/ or a YAML path (default: demo_cpu)")
     ap.add_argument("--workdir", default=None, help="where the run writes (default runs/<run.name>); a local folder or a bucket (gs://BUCKET/PATH); on several hosts one all of them see")
     ap.add_argument("--plan", default=None, metavar="TOPOLOGY", help="AOT-compile every phase for a TPU topology")
@@ -137,8 +138,14 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options and key=value overrides in any order: `--config X key=value --workdir D key=value` is how people
+    type it (plain parse_args stops collecting overrides at the first option after them)."""
+    return parser().parse_intermixed_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_configs:
         try:
             print(list_configs(), flush=True)

@@ -225,3 +225,9 @@ def test_main_reads_sys_argv_when_called_without_arguments(monkeypatch, capsys):
     assert cli.main() == 0
     assert "demo_cpu" in capsys.readouterr().out
 
+
+
+def test_overrides_and_options_in_any_order():
+    args = cli.parse_args(["--config", "demo_cpu", "run.rounds=1", "--workdir", "w", "sft.max_steps=2", "--force"])
+    assert (args.config, args.workdir, args.force) == ("demo_cpu", "w", True)
+    assert args.overrides == ["run.rounds=1", "sft.max_steps=2"]
