@@ -40,8 +40,11 @@ def round_table(ctx: RunContext) -> list[dict[str, Any]]:
         elif info["kind"] in ("policy", "sft"):
             r[f"{info['kind']}_loss"] = m.get("loss")
             r[f"{info['kind']}_tokens_per_second"] = m.get("tokens_per_second")
-            if info["kind"] == "policy":
-                r["policy_reward_accuracy"] = m.get("rewards/accuracies")
+            # pair objectives log rewards/accuracies; on-policy steps the RM score of their fresh samples and the KL
+            for key, name in (("rewards/accuracies", "policy_reward_accuracy"), ("objective/scores", "policy_scores"),
+                              ("objective/kl", "policy_kl")):
+                if info["kind"] == "policy" and key in m:
+                    r[name] = m[key]
         elif info["kind"] == "sample":
             r["sample_tokens_per_second"] = m.get("tokens_per_second")
     return [rows[k] for k in sorted(rows)]
@@ -95,7 +98,8 @@ def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
         if rows:
             curves.append((phase.name, rows, [r for r in logged if r.get("split") == "eval"]))
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        onpolicy = any("objective/scores" in rows[0] for _, rows, _ in curves)
+        fig, axes = plt.subplots(1, 3 if onpolicy else 2, figsize=(15 if onpolicy else 10, 3.5))
         for name, rows, evals in curves:
             line, = axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
             acc = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
@@ -107,6 +111,11 @@ def _plots(ctx: RunContext, table: list[dict]) -> list[str]:
                 if points:
                     ax.plot(*zip(*points), linestyle="--", marker="o", color=line.get_color(),
                             label=f"{name} eval_{key}")
+            scores = [(r["step"], r["objective/scores"]) for r in rows if "objective/scores" in r]
+            if scores:
+                axes[2].plot(*zip(*scores), color=line.get_color(), label=name)
+        if onpolicy:
+            axes[2].set_title("objective/scores (RM score of fresh samples, normalised)")
         axes[0].set_title("loss (train; eval dashed)")
         axes[1].set_title("rewards/accuracies (train; eval dashed)")
         for ax in axes:
@@ -153,7 +162,7 @@ def write_report(ctx: RunContext) -> epath.Path:
     plots = _plots(ctx, table)
     keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold",
                                     "bon_rm_win_rate_vs_sft", "rm_train_accuracy",
-                                    "policy_loss", "policy_reward_accuracy", "sft_loss", "answer_length",
+                                    "policy_loss", "policy_reward_accuracy", "policy_scores", "policy_kl", "sft_loss", "answer_length",
                                     "sample_tokens_per_second", "policy_tokens_per_second", "seconds")
                         if any(k in r for r in table)]
     phases = _done(ctx)
