@@ -59,3 +59,26 @@ def test_dpo_step_with_the_base_as_reference_equals_an_explicit_frozen_copy():
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-5, atol=1e-6, err_msg=k)
     print(f"\nbase {tree_bytes(frozen):,} B; step arguments: base as reference {one:,} B, explicit copy {two:,} B")
     assert two - one == tree_bytes(frozen)
+
+
+def test_lora_resume_after_sigterm_is_bit_identical(tmp_path):
+    """A DPO phase training adapters (dropout on, the base as the reference) stopped by SIGTERM after step 5 and
+    re-run with the same command ends with the uninterrupted run's adapters, batches and losses, bit for bit; its
+    checkpoints hold the adapters and their optimizer state, not the frozen base."""
+    from engine_script import (EXIT_PREEMPTED, load_params, read_checkpoint, read_losses, read_rows, reference_run,
+                               run_script)
+
+    args = ("--kind", "dpo", "--lora-rank", "4", "--steps", "10", "--save-every", "4")
+    reference = reference_run(*args)
+    wd = tmp_path / "run"
+    p = run_script(wd, *args, "--sigterm-at", "5")
+    assert p.returncode == EXIT_PREEMPTED, (p.stdout + p.stderr)[-3000:]
+    saved = " ".join(read_checkpoint(wd, 5))  # key paths like [1]['wq_lora_a'] (params), [2][0].mu['wq_lora_a']
+    assert "['wq_lora_a']" in saved and "['wq']" not in saved and "['embed']" not in saved, saved
+    p = run_script(wd, *args)
+    assert p.returncode == 0 and "training from step 5" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    ref, got = load_params(reference), load_params(wd)
+    assert sorted(ref) == sorted(got) and all(k.endswith(("_lora_a", "_lora_b")) for k in got)
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
+    assert read_rows(wd) == read_rows(reference) and read_losses(wd) == read_losses(reference)
