@@ -82,3 +82,43 @@ def test_lora_resume_after_sigterm_is_bit_identical(tmp_path):
     for k in ref:
         assert np.array_equal(ref[k], got[k]), k
     assert read_rows(wd) == read_rows(reference) and read_losses(wd) == read_losses(reference)
+
+
+def test_pipeline_with_lora_exports_merged_weights_and_a_peft_adapter(shared_data, tmp_path):
+    """sft + policy (DIL, the base as the reference) with model.lora.rank=4 on a tiny Llama: each phase writes its
+    merged model/ and a PEFT adapter/; transformers + PEFT loading adapter/ onto the phase's starting model give the
+    logits of jaxalign's merged model (1e-4 x max |logit|)."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import tiny_recipe
+    from jaxalign.cli import main
+    from jaxalign.models import forward, from_pretrained
+
+    slices = tiny_recipe.write_slices(shared_data, tmp_path / "data", n_train=16, n_test=8)
+    model = tiny_recipe.make_tiny_llama(tmp_path / "model")
+    work = tmp_path / "run"
+    overrides = tiny_recipe.recipe_overrides("ultrachat_dil", model, shared_data / tiny_recipe.TOKENIZER, slices)
+    overrides += ["sft.enabled=true", "sft.max_steps=2", "policy.accum_steps=1", "sft.learning_rate=3e-2",
+                  "policy.learning_rate=3e-2", "eval.num_prompts=2", "eval.max_new_tokens=2", "run.trackers=",
+                  "data.max_length=64", "data.max_prompt_length=32", "model.lora.rank=4", "model.lora.alpha=8",
+                  "model.lora.dropout=0.1"]
+    assert main(["--config", "ultrachat_dil", "--workdir", str(work), *overrides]) == 0
+    ids = np.random.RandomState(0).randint(3, 32000, size=(2, 12)).astype(np.int32)
+    for phase, start in (("sft", model), ("r1_policy", work / "phases" / "sft" / "model")):
+        folder = work / "phases" / phase
+        conf = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+        assert conf["r"] == 4 and conf["base_model_name_or_path"] == str(start)
+        merged = from_pretrained(folder / "model", dtype="float32")
+        ours = np.asarray(forward(merged.param_dict(), merged.cfg, jnp.asarray(ids)))
+        assert np.abs(ours - np.asarray(forward(from_pretrained(start, dtype="float32").param_dict(), merged.cfg,
+                                                jnp.asarray(ids)))).max() > 1e-3  # the adapters trained
+        base = AutoModelForCausalLM.from_pretrained(start, torch_dtype=torch.float32)
+        with torch.no_grad():
+            theirs = PeftModel.from_pretrained(base, folder / "adapter")(torch.as_tensor(ids).long()).logits.numpy()
+        assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max(), (phase, np.abs(theirs - ours).max())
+    done = json.loads((work / "phases" / "r1_policy" / "done.json").read_text())
+    assert done["metrics"]["steps"] == 2
