@@ -19,7 +19,7 @@ import yaml
 
 from jaxalign.config_checks import DEFAULT_ROUND, ONLINE_ROUND, ConfigError, validate
 from jaxalign.losses import Objective, get_objective
-from jaxalign.models.lora import TARGETS as LORA_TARGETS, LoraConfig
+from jaxalign.config_lora import Lora
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
 from jaxalign.train.steps import StepConfig
@@ -65,23 +65,6 @@ class Run:
 
     def num_rounds(self) -> int:
         return 1 if self.method in ("dil", "dpo", "afd") else self.rounds
-
-
-@dataclasses.dataclass
-class Lora:
-    """LoRA adapters on a frozen base (docs/lora.md); rank 0 = full fine-tuning."""
-
-    rank: int = 0  # adapter rank r; 0 = off
-    alpha: float = 16.0  # the update is (alpha / r) B A
-    dropout: float = 0.0  # on each adapter's input, training only
-    targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # q, k, v, o, gate, up, down
-    base_dtype: str = ""  # the frozen base's dtype on the devices ("" = model.param_dtype; bfloat16 halves it)
-
-    def build(self) -> LoraConfig | None:
-        """The adapters' LoraConfig, or None when LoRA is off."""
-        if not self.rank:
-            return None
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=tuple(self.targets))
 
 
 @dataclasses.dataclass
@@ -329,8 +312,6 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return ""
     if tp is list and isinstance(value, str):  # model.lora.targets=q,v on the command line
         return [v.strip() for v in value.split(",") if v.strip()]
-    if tp is list and not isinstance(value, list):
-        raise ConfigError(f"{where}: {key}={value!r} should be a list (e.g. [q, v] or q,v).")
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "5e-7" (no dot) as a string; users write it that way on the command line
             return float(value)

@@ -181,7 +181,7 @@ def _check_lora(cfg, need, number) -> None:
     number("model.lora.alpha", lo.alpha, low=0.0, low_open=True)
     need(isinstance(lo.dropout, float) and 0.0 <= lo.dropout < 1.0, "model.lora.dropout", lo.dropout,
          "a dropout rate on the adapter inputs in [0, 1)")
-    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS] if isinstance(lo.targets, list) else [lo.targets]
     need(not unknown and (bool(lo.targets) or not lo.rank), "model.lora.targets", lo.targets,
          f"name the projections that get adapters, a non-empty list of {', '.join(LORA_TARGETS)} (unknown: "
          f"{unknown or 'none'}; a target the model lacks, e.g. gate on GPT-NeoX, is skipped)")
