@@ -5,9 +5,13 @@ Tiny models and few steps: the library half (adapter math, merge, PEFT files) is
 """
 from __future__ import annotations
 
+import importlib.util
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import engine_fixtures as fx
 from engine_script import _init_params
@@ -122,3 +126,34 @@ def test_pipeline_with_lora_exports_merged_weights_and_a_peft_adapter(shared_dat
         assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max(), (phase, np.abs(theirs - ours).max())
     done = json.loads((work / "phases" / "r1_policy" / "done.json").read_text())
     assert done["metrics"]["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the test extra installs it)")
+def test_plan_counts_adapters_a_frozen_base_and_no_reference(tmp_path):
+    """A tiny DPO policy phase planned for v5e:2x2 with LoRA: the state is the adapters and their two AdamW moments,
+    the frozen base (bfloat16) sits beside it, there is no reference copy, and the compiled FLOPs match the analytic
+    count without the base's weight gradients."""
+    import json
+
+    from jaxalign import plan as plan_lib
+    from jaxalign.config import load
+    from jaxalign.models.lora import adapter_shapes
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+        "vocab_size": 2048, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "hidden_act": "silu"}))
+    cfg = load("ultrachat_dpo", [f"model.path={tmp_path}", "mesh.fsdp=4", "data.max_length=256",
+                                 "data.max_prompt_length=128", "policy.batch_size=8", "policy.accum_steps=1",
+                                 "model.lora.rank=8", "model.lora.base_dtype=bfloat16"])
+    (row,) = plan_lib.plan_recipe(cfg, "v5e:2x2", phases=["policy"], print_fn=lambda *_: None)
+    mcfg = plan_lib.model_config(cfg)
+    adapters = sum(math.prod(s) for s in adapter_shapes(mcfg, cfg.model.lora.build()).values())
+    assert row.reference == 0 and "reference base" in row.detail and "LoRA r=8" in row.detail
+    # per chip, sharded 4 ways; the TPU layout pads the rank-8 dims, so the adapters' bytes are bounded, not exact
+    full = mcfg.num_params() * 4 / 4
+    assert 2 * adapters <= row.opt_state < 0.15 * 2 * full  # AdamW moments of the adapters only
+    assert full / 2 <= row.params < 0.6 * full  # the bfloat16 base + the float32 adapters
+    assert row.flops == pytest.approx(row.model_flops, rel=0.03) and row.fits
