@@ -107,7 +107,8 @@ def test_pipeline_with_lora_exports_merged_weights_and_a_peft_adapter(shared_dat
     work = tmp_path / "run"
     overrides = tiny_recipe.recipe_overrides("ultrachat_dil", model, shared_data / tiny_recipe.TOKENIZER, slices)
     overrides += ["sft.enabled=true", "sft.max_steps=2", "policy.accum_steps=1", "sft.learning_rate=3e-2",
-                  "policy.learning_rate=3e-2", "eval.num_prompts=2", "eval.max_new_tokens=2", "run.trackers=",
+                  "policy.learning_rate=3e-2", "eval.num_prompts=2", "eval.max_new_tokens=2", "eval.heldout_limit=0",
+                  "run.trackers=",
                   "data.max_length=64", "data.max_prompt_length=32", "model.lora.rank=4", "model.lora.alpha=8",
                   "model.lora.dropout=0.1"]
     assert main(["--config", "ultrachat_dil", "--workdir", str(work), *overrides]) == 0
