@@ -15,13 +15,12 @@ A step is forward, backward, global-norm clipping (1.0) and AdamW, jitted with t
 Memory comes from XLA's own accounting of the compiled step (``compiled.memory_analysis()``): arguments (state, frozen
 weights, reference, batch), temporaries (activations, gradients, optimizer scratch) and their sum, the step's peak
 footprint bound. tokens/s counts the tokens the policy trains on (B*T for SFT; 2 * pairs * T for DPO).
-The model code is ``jaxalign.models.forward`` with ``lora=(adapters, cfg)``; the engine's step does not take adapters
-yet, so the steps are built here with optax.
+The steps are the engine's (``make_train_step`` with ``StepConfig(lora=...)``, the pipeline's training step).
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import os
 import sys
 import time
@@ -33,74 +32,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BETA = 0.1
 
 
-def build_step(cfg, kind, lora_cfg, optimizer):
-    """``step(trainable, opt_state, frozen, ref, batch) -> (trainable, opt_state, loss)``, jitted, state donated."""
-    import jax
-    import optax
-
-    from jaxalign.losses import dpo_loss, sequence_logprobs, sft_loss, token_logprobs
-    from jaxalign.models import forward
-    from jaxalign.models.lora import join_trainable
-
-    def logits_of(params, lora, ids):
-        return forward(params, cfg, ids[:, :-1], lora=lora)
-
-    def loss_fn(trainable, frozen, ref, batch):
-        if lora_cfg is None:
-            params, lora = trainable, None
-        else:
-            params, adapters = join_trainable(trainable, frozen)
-            lora = (adapters, lora_cfg)
-        ids, mask = batch["input_ids"], batch["loss_mask"]
-        if kind == "sft":
-            return sft_loss(logits_of(params, lora, ids), ids[:, 1:], mask[:, 1:])[0]
-        pol = sequence_logprobs(token_logprobs(logits_of(params, lora, ids), ids[:, 1:]), mask[:, 1:])
-        # LoRA: the reference is the policy's own base with adapters off; full: the separate frozen copy
-        ref_params = params if lora_cfg is not None else ref
-        r = jax.lax.stop_gradient(sequence_logprobs(token_logprobs(logits_of(ref_params, None, ids), ids[:, 1:]),
-                                                    mask[:, 1:]))
-        n = ids.shape[0] // 2
-        return dpo_loss(pol[:n], pol[n:], r[:n], r[n:], beta=BETA)[0]
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, ref, batch):
-        frozen = jax.lax.stop_gradient(frozen)
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ref, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
-
-
 def measure(cfg, kind, lora_cfg, params, batch, reps):
-    """(tokens/s, step seconds, memory analysis, trainable params, compile seconds, first loss) of one variant."""
+    """(tokens/s, step seconds, memory analysis, trainable params, compile seconds, first loss) of one variant, the
+    engine's own step (``jaxalign.train.steps.make_train_step``) on one device."""
     import jax
     import numpy as np
-    import optax
 
+    from jaxalign import sharding
+    from jaxalign.losses import get_objective
     from jaxalign.models.lora import init_adapters, split_trainable
+    from jaxalign.train.optim import OptimConfig, make_optimizer
+    from jaxalign.train.state import create_state
+    from jaxalign.train.steps import StepConfig, make_train_step
 
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
+    mesh = sharding.single_device_mesh()
+    optimizer, schedule = make_optimizer(OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, schedule="constant",
+                                                     max_grad_norm=1.0), 100)
+    if kind == "sft":
+        step_cfg = StepConfig("sft")
+    else:  # full: a separate frozen copy is the reference (TRL's DPOTrainer); LoRA: the base with adapters off
+        step_cfg = StepConfig("policy", objective=get_objective("dpo", beta=BETA)[1],
+                              reference_logps="in_step" if lora_cfg is None else "base")
+    frozen = ref = None
     if lora_cfg is None:
-        trainable, frozen = jax.tree.map(lambda x: x.copy(), params), {}
-        ref = params if kind == "dpo" else {}
+        trainable = jax.tree.map(lambda x: x.copy(), params)
+        ref = params if kind == "dpo" else None
     else:
-        adapters = init_adapters(cfg, lora_cfg, jax.random.PRNGKey(1))
-        trainable, frozen = split_trainable(params, adapters)
-        ref = {}
-    opt_state = optimizer.init(trainable)
-    step = build_step(cfg, kind, lora_cfg, optimizer)
+        trainable, frozen = split_trainable(params, init_adapters(cfg, lora_cfg, jax.random.PRNGKey(1)))
+        step_cfg = dataclasses.replace(step_cfg, lora=lora_cfg)
+    state = create_state(trainable, optimizer, mesh, donate=True)
+    extra = step_cfg.extra_args(frozen, ref)
+    fn = make_train_step(cfg, step_cfg, optimizer, schedule, mesh, jax.tree.map(lambda x: x.sharding, state), batch,
+                         ref, frozen)
     t0 = time.perf_counter()
-    compiled = step.lower(trainable, opt_state, frozen, ref, batch).compile()
+    compiled = fn.lower(state, batch, *extra).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    n_train = sum(x.size for x in jax.tree.leaves(trainable))
-    box = {"s": (trainable, opt_state)}
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    box = {"s": state}
 
     def run():
-        t, o, loss = compiled(*box["s"], frozen, ref, batch)
-        box["s"] = (t, o)
-        return float(loss)
+        box["s"], metrics = compiled(box["s"], batch, *extra)
+        return float(metrics["loss"])
 
     first = run()
     times = []
@@ -109,8 +82,9 @@ def measure(cfg, kind, lora_cfg, params, batch, reps):
         run()
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
-    rows = batch["input_ids"].shape[0]
-    tokens = rows * (batch["input_ids"].shape[1] - 1)
+    ids = batch["input_ids"] if kind == "sft" else batch["chosen_input_ids"]
+    rows = ids.shape[0] * (1 if kind == "sft" else 2)
+    tokens = rows * (ids.shape[1] - 1)
     return tokens / step_s, step_s, mem, n_train, compile_s, first
 
 
@@ -143,7 +117,9 @@ def main():
     mask[:, :8] = 0
     n = args.batch // 2
     ids[n:2 * n, :8] = ids[:n, :8]  # DPO: chosen row i and rejected row n + i share their 8-token prompt
-    batch = {"input_ids": jnp.asarray(ids), "loss_mask": jnp.asarray(mask)}
+    sft_batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.asarray(mask)}
+    pair_batch = {f"{side}_{k}": v[rows] for side, rows in (("chosen", slice(0, n)), ("rejected", slice(n, 2 * n)))
+                  for k, v in sft_batch.items()}
     lcfg = LoraConfig(rank=args.rank, alpha=args.alpha)
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}; {cfg.num_params() / 1e6:.1f}M params ({tree_bytes(params) / 2**20:.0f} MiB "
@@ -152,6 +128,7 @@ def main():
     rows = []
     for kind in ("sft", "dpo"):
         for name, lc in (("full", None), ("LoRA", lcfg)):
+            batch = sft_batch if kind == "sft" else pair_batch
             tok_s, step_s, mem, n_train, compile_s, loss = measure(cfg, kind, lc, params, batch, args.reps)
             arg, tmp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
             rows.append([kind.upper(), name, f"{n_train / 1e6:.2f}M", f"{tok_s:,.0f}", f"{step_s:.2f}",

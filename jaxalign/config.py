@@ -19,6 +19,7 @@ import yaml
 
 from jaxalign.config_checks import DEFAULT_ROUND, ONLINE_ROUND, ConfigError, validate
 from jaxalign.losses import Objective, get_objective
+from jaxalign.config_lora import Lora
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
 from jaxalign.train.steps import StepConfig
@@ -74,6 +75,7 @@ class Model:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # none | full | dots
     reward_path: str = ""  # optional separate backbone for the reward model (default: the SFT model)
+    lora: Lora = dataclasses.field(default_factory=Lora)
 
 
 @dataclasses.dataclass
@@ -308,6 +310,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return str(value)
     if tp is str and value is None:
         return ""
+    if tp is list and isinstance(value, str):  # model.lora.targets=q,v on the command line
+        return [v.strip() for v in value.split(",") if v.strip()]
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "5e-7" (no dot) as a string; users write it that way on the command line
             return float(value)

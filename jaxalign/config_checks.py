@@ -11,6 +11,7 @@ from typing import Any
 from jaxalign.data.formats import FORMATS
 from jaxalign.losses import OBJECTIVES, PAIR_RULES
 from jaxalign.metrics import TrackerError, check_trackers
+from jaxalign.models.lora import TARGETS as LORA_TARGETS
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,7 @@ def validate(cfg, where: str = "config") -> None:
         number(f"{section}.epochs", t.epochs, low=1)
         number(f"{section}.max_steps", t.max_steps, low=0)
         number(f"{section}.save_every", t.save_every, low=1)
+    _check_lora(cfg, need, number)
     number("reward.margin", cfg.reward.margin)
     number("reward.center_coef", cfg.reward.center_coef, low=0.0)
     choice("reward.loss", cfg.reward.loss, ("bradley_terry", "afd_discriminator"))
@@ -169,6 +171,26 @@ def validate(cfg, where: str = "config") -> None:
         _check_round(cfg, problems)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def _check_lora(cfg, need, number) -> None:
+    """model.lora: the adapters' settings; with rank > 0, the phases that train adapters."""
+    lo = cfg.model.lora
+    need(isinstance(lo.rank, int) and lo.rank >= 0, "model.lora.rank", lo.rank,
+         "the adapter rank must be an integer >= 0 (0 = LoRA off, full fine-tuning; 8-64 is usual)")
+    number("model.lora.alpha", lo.alpha, low=0.0, low_open=True)
+    need(isinstance(lo.dropout, float) and 0.0 <= lo.dropout < 1.0, "model.lora.dropout", lo.dropout,
+         "a dropout rate on the adapter inputs in [0, 1)")
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS] if isinstance(lo.targets, list) else [lo.targets]
+    need(not unknown and (bool(lo.targets) or not lo.rank), "model.lora.targets", lo.targets,
+         f"name the projections that get adapters, a non-empty list of {', '.join(LORA_TARGETS)} (unknown: "
+         f"{unknown or 'none'}; a target the model lacks, e.g. gate on GPT-NeoX, is skipped)")
+    need(lo.base_dtype in ("",) + DTYPES, "model.lora.base_dtype", lo.base_dtype,
+         f"the frozen base's dtype: '' (= model.param_dtype) or one of {', '.join(DTYPES)}")
+    if lo.rank:
+        need(cfg.policy.kind == "pairs", "policy.kind", cfg.policy.kind,
+             "the on-policy steps (rloo / grpo / ppo / online_dil) do not train LoRA adapters yet: use "
+             "policy.kind=pairs with model.lora.rank > 0, or model.lora.rank=0 for on-policy training")
 
 
 def _check_onpolicy(cfg, need) -> None:

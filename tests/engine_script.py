@@ -2,7 +2,7 @@
 
     python tests/engine_script.py --workdir W [--kind sft|dpo|dil|reward] [--mesh 2,2,2] [--steps 40] [--save-every 4]
         [--sigterm-at 5,9] [--sigterm-after-save 12] [--sigterm-process 1] [--poison-row 7] [--skip-nonfinite]
-        [--num-processes 2 --process-id 0 --coordinator 127.0.0.1:PORT] [--devices 8]
+        [--num-processes 2 --process-id 0 --coordinator 127.0.0.1:PORT] [--devices 8] [--lora-rank 4]
 
 Re-running the same command resumes from the last checkpoint under ``W/phase/checkpoints``. The script
 
@@ -248,6 +248,8 @@ def parse_args(argv=None):
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--coordinator", default="")
     ap.add_argument("--devices", type=int, default=0, help="host devices of this process (default: from XLA_FLAGS)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="train LoRA adapters (dropout 0.1) on the frozen base; dpo / dil: the base is the reference")
     return ap.parse_args(argv)
 
 
@@ -371,11 +373,22 @@ def main(argv=None) -> int:
 
         PhaseCheckpointer.save = save
 
-    ref = params if kind == "policy" else None
+    frozen = None
+    if args.lora_rank:
+        import dataclasses
+
+        from jaxalign.models.lora import LoraConfig, init_adapters, split_trainable
+
+        lcfg = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, dropout=0.1)
+        adapters = {k: np.asarray(v) for k, v in init_adapters(cfg, lcfg, jax.random.PRNGKey(0)).items()}
+        params, frozen = split_trainable(params, adapters, trainable=("score",) if kind == "reward" else ())
+        step_cfg = dataclasses.replace(step_cfg, lora=lcfg, seed=7,
+                                       reference_logps="base" if kind == "policy" else step_cfg.reference_logps)
+    ref = params if step_cfg.takes_reference_params else None
     try:
         final = train(cfg=cfg, params=params, examples=examples, phase_dir=workdir / PHASE, mesh=mesh,
                       step_cfg=step_cfg, optim=optim, settings=settings, pad_id=cfg.pad_token_id, buckets=(32,),
-                      ref_params=ref, on_step=on_step, on_batch=on_batch, name=PHASE)
+                      ref_params=ref, frozen=frozen, on_step=on_step, on_batch=on_batch, name=PHASE)
     except Preempted as e:
         print(str(e), flush=True)
         return EXIT_PREEMPTED

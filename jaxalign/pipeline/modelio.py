@@ -10,6 +10,7 @@ from etils import epath
 from jaxalign.models import read_params, read_reward_params, save_params
 from jaxalign.models.export import complete_export, converted_copy
 from jaxalign.models.hub import hub_repo_id, push_to_hub
+from jaxalign.models.lora import save_peft_adapter
 from jaxalign.sharding import to_host
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
@@ -26,25 +27,35 @@ def load_reward(ctx: RunContext, folder: epath.PathLike, *, seed: int = 0) -> di
     return read_reward_params(folder, ctx.model_cfg, mesh=ctx.mesh, seed=seed)
 
 
-def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, reward: bool = False) -> epath.Path:
+def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, reward: bool = False,
+               adapters: dict[str, jax.Array] | None = None, base: epath.PathLike | None = None) -> epath.Path:
     """Write the phase's final model to ``phases/<phase>/model`` (every process joins the gather; process 0 writes;
-    a bucket work directory gets a local folder uploaded)."""
+    a bucket work directory gets a local folder uploaded). With LoRA ``params`` are the merged weights and
+    ``adapters`` also go to ``phases/<phase>/adapter`` in PEFT's format, for ``base`` (the model they were trained
+    on, named in adapter_config.json)."""
     out = ctx.workdir.phase(phase) / "model"
     if jax.process_count() > 1:
         params = {k: to_host(v) for k, v in params.items()}
+        adapters = None if adapters is None else {k: to_host(v) for k, v in adapters.items()}
     if jax.process_index() != 0:
         return out
     head = "sequence_classification" if reward else "causal_lm"
+
+    def write(model: Path, adapter: Path) -> None:
+        save_params(params, ctx.model_cfg, model, head=head)
+        export(ctx, model, phase, reward=reward)
+        if adapters is not None:
+            save_peft_adapter(adapters, ctx.lora, ctx.model_cfg, adapter, base_model_name_or_path=str(base))
+
     if not is_remote(out):
-        save_params(params, ctx.model_cfg, out, head=head)
-        export(ctx, out, phase, reward=reward)
+        write(Path(out), Path(out.parent / "adapter"))
         return out
     with staging_dir() as tmp:  # the tokenizer and transformers write local files: finish the folder, then upload it
         local = Path(tmp) / "model"
-        save_params(params, ctx.model_cfg, local, head=head)
-        export(ctx, local, phase, reward=reward)
-        if (Path(tmp) / "export").is_dir():
-            upload_folder(Path(tmp) / "export", out.parent / "export")
+        write(local, Path(tmp) / "adapter")
+        for extra in ("export", "adapter"):
+            if (Path(tmp) / extra).is_dir():
+                upload_folder(Path(tmp) / extra, out.parent / extra)
         upload_folder(local, out)
     return out
 

@@ -4,7 +4,9 @@ DIL, SimPO), regularised towards a frozen reference.
 The reference (``policy.reference``) is the SFT model, or the previous round's policy (SPIN). Its log-probs reach the
 step one of three ways (``Policy.reference_logps``): its frozen weights evaluated in every step, precomputed once
 before the phase (``policy.precompute_reference``; the weights then leave the devices before training starts), or not
-at all for a reference-free objective.
+at all for a reference-free objective. With LoRA, when the reference is the phase's starting model (round 1, or
+``policy.reference=previous``), it is the frozen base with the adapters switched off (``reference_logps="base"``):
+one copy of the weights on the devices.
 
 With an on-policy ``policy.kind`` (rloo / grpo / ppo / online_dil) the phase is :mod:`jaxalign.pipeline.onpolicy`'s:
 same phase kind, directory, fingerprint and report row, but it samples the policy itself batch by batch.
@@ -28,9 +30,12 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     start = ctx.workdir.policy_model(phase.round - 1)
     params = load_policy(ctx, start)
     step = cfg.policy.step()
+    ref_folder = start if cfg.policy.reference == "previous" else ctx.workdir.sft_model()
+    # LoRA on the reference itself: the frozen base with the adapters off is the reference, no second copy
+    base_is_reference = ctx.lora is not None and str(ref_folder) == str(start)
     ref_params = None
     if step.reference_logps != "none":
-        ref_params = load_policy(ctx, start if cfg.policy.reference == "previous" else ctx.workdir.sft_model())
+        ref_params = params if base_is_reference else load_policy(ctx, ref_folder)
     heldout = ctx.heldout_pairs
     if step.reference_logps == "precomputed":
         kw = dict(reduce=step.objective.reduce, mesh=ctx.mesh, pad_id=ctx.encoder.pad_id, buckets=ctx.buckets,
@@ -39,6 +44,8 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
         pairs = precompute_reference_logps(ref_params, ctx.model_cfg, pairs, **kw)
         heldout = precompute_reference_logps(ref_params, ctx.model_cfg, heldout, **kw) if heldout else []
         ref_params = None
-    params = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params, heldout=heldout)
-    save_model(ctx, params, phase)
+    elif step.reference_logps == "in_step" and base_is_reference:
+        step, ref_params = cfg.policy.step(reference_logps="base"), None
+    trained = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params, heldout=heldout)
+    save_model(ctx, trained.params, phase, adapters=trained.adapters, base=start)
     return {**final_metrics(ctx, phase), "pairs": len(pairs)}

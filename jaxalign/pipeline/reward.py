@@ -1,7 +1,8 @@
 """The reward phase: a Bradley-Terry reward model (IRL: demonstration vs own sample) or AfD's discriminator.
 
 Round k's RM starts from the SFT backbone with a fresh head (``reward.reinit_each_round``, as the IRL authors do) or
-from round k-1's RM, or from ``model.reward_path`` when the recipe names a separate backbone.
+from round k-1's RM, or from ``model.reward_path`` when the recipe names a separate backbone. With LoRA (``model.lora.rank``) the backbone is
+frozen and its adapters train together with the whole score head.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     init = (previous if not cfg.reward.reinit_each_round else None) or cfg.model.reward_path or \
         ctx.workdir.sft_model()
     params = load_reward(ctx, init, seed=cfg.run.seed + phase.round)
-    params = train_phase(ctx, phase, cfg.reward, cfg.reward.step(), params, reward_pairs(ctx, phase.round))
-    save_model(ctx, params, phase, reward=True)
+    trained = train_phase(ctx, phase, cfg.reward, cfg.reward.step(), params, reward_pairs(ctx, phase.round))
+    # LoRA: the merged backbone with its fully trained head; no PEFT folder (PEFT's adapter would lack the new head)
+    save_model(ctx, trained.params, phase, reward=True)
     return final_metrics(ctx, phase)

@@ -11,6 +11,6 @@ from jaxalign.pipeline.training import final_metrics, train_phase
 def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     examples = [sft_example(e) for e in ctx.demonstrations]
     params = load_policy(ctx, ctx.workdir.base_model)
-    params = train_phase(ctx, phase, ctx.cfg.sft, ctx.cfg.sft.step(), params, examples)
-    save_model(ctx, params, phase)
+    trained = train_phase(ctx, phase, ctx.cfg.sft, ctx.cfg.sft.step(), params, examples)
+    save_model(ctx, trained.params, phase, adapters=trained.adapters, base=ctx.workdir.base_model)
     return final_metrics(ctx, phase)

@@ -2,24 +2,38 @@
 phase's directory, and the metrics its done.json keeps."""
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.config import ConfigError, Train
 from jaxalign.metrics import read_metrics
+from jaxalign.models.lora import init_adapters, join_trainable, merge, split_trainable
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
 from jaxalign.train.run import train
 from jaxalign.train.steps import StepConfig
 
 
+class Trained(NamedTuple):
+    """A phase's result: ``params`` is the complete model (LoRA: the adapters merged into the base), what the phase
+    exports and later phases load; ``adapters`` the trained LoRA adapters (None without LoRA)."""
+
+    params: dict[str, jax.Array]
+    adapters: dict[str, jax.Array] | None = None
+
+
 def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig, params: dict[str, jax.Array],
                 examples: Sequence[dict], *, ref_params: dict[str, jax.Array] | None = None,
-                heldout: Sequence[dict] | None = None) -> dict[str, jax.Array]:
+                heldout: Sequence[dict] | None = None) -> Trained:
     """Train ``params`` (donated) on ``examples`` with ``section``'s settings; resumes from the phase's checkpoints.
-    ``heldout`` (default: the context's held-out pairs, or demonstrations for SFT) gives the eval_* metrics."""
+    ``heldout`` (default: the context's held-out pairs, or demonstrations for SFT) gives the eval_* metrics.
+
+    With LoRA (``ctx.lora``) ``params`` become the frozen base (in ``model.lora.base_dtype``) and fresh adapters (plus
+    the reward head, which trains fully) are what the state, the optimizer and the checkpoints hold."""
     if len(examples) < section.batch_size:
         raise ConfigError(f"phase {phase.name}: {len(examples)} examples do not fill one batch of "
                           f"{phase.kind}.batch_size={section.batch_size}.")
@@ -27,10 +41,32 @@ def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig,
     settings = section.settings(seed=cfg.run.seed + 1000 * phase.round, run=cfg.run, reliability=cfg.reliability)
     if heldout is None:
         heldout = ctx.heldout_sft if step.kind == "sft" else ctx.heldout_pairs
-    return train(cfg=ctx.model_cfg, params=params, examples=examples, phase_dir=ctx.workdir.phase(phase),
-                 mesh=ctx.mesh, step_cfg=step, optim=section.optim(), settings=settings, pad_id=ctx.encoder.pad_id,
-                 buckets=ctx.buckets, ref_params=ref_params, counters=ctx.counters, name=phase.name,
-                 eval_examples=heldout, eval_every=cfg.eval.eval_steps)
+    frozen = None
+    if ctx.lora is not None:
+        adapters = init_adapters(ctx.model_cfg, ctx.lora, jax.random.PRNGKey(settings.seed))
+        params, frozen = _split(params, adapters, step.kind, cfg.model.lora.base_dtype)
+        step = dataclasses.replace(step, lora=ctx.lora, seed=settings.seed)
+    out = train(cfg=ctx.model_cfg, params=params, examples=examples, phase_dir=ctx.workdir.phase(phase),
+                mesh=ctx.mesh, step_cfg=step, optim=section.optim(), settings=settings, pad_id=ctx.encoder.pad_id,
+                buckets=ctx.buckets, ref_params=ref_params, frozen=frozen, counters=ctx.counters, name=phase.name,
+                eval_examples=heldout, eval_every=cfg.eval.eval_steps)
+    if ctx.lora is None:
+        return Trained(out)
+    base, adapters = join_trainable(out, frozen)
+    # merged in the master dtype: a bfloat16 base plus the float32 update, so the export is the model that trained
+    dtype = jnp.dtype(ctx.model_cfg.param_dtype)
+    return Trained(merge({k: v.astype(dtype) for k, v in base.items()}, adapters, ctx.model_cfg, ctx.lora), adapters)
+
+
+def _split(params, adapters, kind: str, base_dtype: str):
+    """(trainable, frozen) for a phase; a base cast to ``base_dtype`` frees its master-dtype arrays at once (they
+    were donated to the phase), so the devices never hold both."""
+    trainable, frozen = split_trainable(params, adapters, trainable=("score",) if kind == "reward" else (),
+                                        base_dtype=base_dtype or None)
+    for k, v in frozen.items():
+        if params[k] is not v:
+            params[k].delete()
+    return trainable, frozen
 
 
 def final_metrics(ctx: RunContext, phase: Phase) -> dict[str, float]:

@@ -7,6 +7,7 @@ Layout::
     phases/<phase>/done.json     completion marker: fingerprint, metrics, wall time
     phases/<phase>/checkpoints/  orbax (resumable training state)      phases/<phase>/tb/  tensorboard + metrics.jsonl
     phases/<phase>/model/        the phase's final model as HF safetensors (what later phases and users read)
+    phases/<phase>/adapter/      model.lora: the phase's adapters in PEFT's format (model/ holds them merged)
     phases/<phase>/reference/    cached reference log-probs (policy.precompute_reference)
     phases/rK_sample/samples.json, phases/*eval*/eval.json
     report.md, plots/*.png

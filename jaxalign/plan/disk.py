@@ -10,9 +10,11 @@ pair). ``peak`` is what is on disk while the phase runs: everything kept by earl
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
+from jaxalign.models.lora import adapter_shapes
 from jaxalign.pipeline.phases import plan as phase_plan
 from jaxalign.pipeline.sample import candidates_per_prompt
 
@@ -46,16 +48,21 @@ def disk_plan(cfg, mcfg) -> list[DiskRow]:
     reward_params = policy_params - (0 if mcfg.tie_word_embeddings else head) + mcfg.hidden_size
     prompts, source = _prompts(cfg)
     keep = cfg.reliability.keep_checkpoints
+    lora = cfg.model.lora.build()
+    adapters = 0 if lora is None else sum(math.prod(s) for s in adapter_shapes(mcfg, lora).values())
     rows, kept_total = [], 0.0
     for phase in phase_plan(cfg):
         row = DiskRow(phase.name)
         if phase.kind in ("sft", "reward", "policy"):
             section = getattr(cfg, phase.kind)
             params = reward_params if phase.kind == "reward" else policy_params
-            row.checkpoint = params * bytes_per * (1 + MOMENTS.get(section.optimizer, 2))
+            # LoRA: a checkpoint holds the adapters (+ the reward head) and their moments, not the frozen base
+            trained = params if lora is None else adapters + (mcfg.hidden_size if phase.kind == "reward" else 0)
+            row.checkpoint = trained * bytes_per * (1 + MOMENTS.get(section.optimizer, 2))
             row.checkpoints_while_running = keep * row.checkpoint
-            row.kept = params * bytes_per
-            row.note = f"model {params / 1e9:.2f} B params"
+            row.kept = (params + (0 if lora is None else adapters)) * bytes_per  # merged model/ (+ adapter/)
+            row.note = f"model {params / 1e9:.2f} B params" + (
+                "" if lora is None else f", LoRA {trained / 1e6:.1f} M trained")
             if phase.kind == "policy" and cfg.policy.precompute_reference:
                 row.kept += 2 * 4 * prompts
             if cfg.reliability.keep_finished_checkpoints:

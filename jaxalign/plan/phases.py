@@ -280,6 +280,9 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     name = kind
     _check_batch(name, section, mesh)
     params = abstract_params(mcfg, mesh, reward=kind == "reward")
+    lora, frozen = cfg.model.lora.build(), None
+    if lora is not None:  # the state holds the adapters (+ the reward head); the base is a frozen step argument
+        params, frozen = _lora_split(params, mcfg, mesh, lora, cfg.model.lora.base_dtype)
     optimizer, schedule = _optimizer(section, what_if.mu_dtype)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     shard = state_shardings(abstract, mesh)
@@ -294,6 +297,10 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
         step_cfg = cfg.policy.step()
         if what_if.precomputed_reference and step_cfg.reference_logps == "in_step":
             step_cfg = cfg.policy.step(reference_logps="precomputed")
+        if lora is not None and step_cfg.reference_logps == "in_step":
+            # round 1 / policy.reference=previous: the reference is the phase's starting model, i.e. the frozen
+            # base with the adapters off (a later round against the SFT model would hold that copy too)
+            step_cfg = cfg.policy.step(reference_logps="base")
         mode = step_cfg.reference_logps
         if mode == "in_step":
             ref = abstract_params(mcfg, mesh)
@@ -303,35 +310,61 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
             batch.update({k: sds((section.batch_size,), jnp.float32, batch_sharding(mesh, 1))
                           for k in ("ref_chosen_logps", "ref_rejected_logps")})
         detail = f"{cfg.policy.objective}, reference {'in step' if ref else mode}, "
+    if lora is not None:
+        step_cfg = dataclasses.replace(step_cfg, lora=lora)
+        base_dtype = cfg.model.lora.base_dtype or mcfg.param_dtype
+        detail += (f"LoRA r={lora.rank} ({sum(math.prod(x.shape) for x in params.values()) / 1e6:.1f}M trainable), "
+                   f"frozen base {base_dtype}, ")
     rows_per_item = 1 if kind == "sft" else 2
     detail += (f"{section.batch_size} {'seqs' if kind == 'sft' else 'pairs'} x {T} tok"
                f"{f', accum {section.accum_steps}' if section.accum_steps > 1 else ''}, remat {mcfg.remat}")
     row = PhaseRow(name, detail, hbm=sl.chip.hbm)
-    row.params = compiled_bytes(params)
+    row.params = compiled_bytes(params) + (compiled_bytes(frozen) if frozen is not None else 0.0)
     row.opt_state = compiled_bytes(state.opt_state)
     row.reference = row.params if ref is not None else 0.0
     row.outside = 0.0  # train() donates the loaded params to the train state: no second copy (report.OUTSIDE)
     if what_if != WhatIf():
         row.detail += f"; what if: {what_if}"
-    args = (state, batch) + ((ref,) if ref is not None else ())
-    build = lambda: make_train_step(mcfg, step_cfg, optimizer, schedule, mesh, shard, batch, ref)  # noqa: E731
+    args = (state, batch) + step_cfg.extra_args(frozen, ref)
+    build = lambda: make_train_step(mcfg, step_cfg, optimizer, schedule, mesh, shard, batch, ref, frozen)  # noqa: E731
     tokens = section.batch_size * rows_per_item * T
     compile_and_measure(row, sl, mcfg, build, args, tokens=tokens, seq_len=T, backward=True,
                         extra_args=tree_bytes(batch))
     n = len(sl.devices)
     seq = T - 1  # the step predicts tokens 1..T-1
     ntok = section.batch_size * rows_per_item * seq / n
-    row.model_flops = model_step_flops(mcfg, ntok, seq, remat=mcfg.remat, reference=ref is not None,
-                                       lm_head=kind != "reward")
+    row.model_flops = model_step_flops(mcfg, ntok, seq, remat=mcfg.remat,
+                                       reference=ref is not None or step_cfg.reference_logps == "base",
+                                       lm_head=kind != "reward", lora=lora is not None)
     return row
 
 
-def model_step_flops(mcfg, tokens: float, seq: int, *, remat: str, reference: bool, lm_head: bool = True) -> float:
+def _lora_split(params: dict, mcfg, mesh, lora, base_dtype: str) -> tuple[dict, dict]:
+    """Abstract ``(trainable, frozen)`` as :func:`jaxalign.models.lora.split_trainable` gives them: the adapters in
+    the master dtype (sharded like their base matrices) plus a reward head, and the base in ``base_dtype``."""
+    import jax.numpy as jnp
+
+    from jaxalign.models.lora import adapter_logical_axes, adapter_shapes
+    from jaxalign.sharding import named_sharding
+
+    shapes = adapter_shapes(mcfg, lora)
+    axes = adapter_logical_axes(shapes)
+    trainable = {k: sds(s, jnp.dtype(mcfg.param_dtype), named_sharding(axes[k], s, mesh)) for k, s in shapes.items()}
+    if "score" in params:
+        trainable["score"] = params["score"]
+    dt = jnp.dtype(base_dtype or mcfg.param_dtype)
+    frozen = {k: sds(v.shape, dt, v.sharding) for k, v in params.items() if k != "score"}
+    return trainable, frozen
+
+
+def model_step_flops(mcfg, tokens: float, seq: int, *, remat: str, reference: bool, lm_head: bool = True,
+                     lora: bool = False) -> float:
     """Analytic matmul FLOPs the compiled train step should execute for ``tokens`` tokens of length ``seq``:
     ``flops_per_token`` (6 N + attention), plus what remat recomputes — under remat=full the layers' forward except
     each layer's last matmul (its output only feeds the residual sum, which the backward pass does not need: MLP down
     projection, and with GPT-NeoX's parallel residual also the attention output projection), under remat=dots the
-    attention einsums — plus a forward of the reference; the reward model has no LM head (its 6 H V drops out)."""
+    attention einsums — plus a forward of the reference; the reward model has no LM head (its 6 H V drops out).
+    With LoRA the frozen weights' gradient matmuls (2 N of the 6 N) are not computed (the adapters' are negligible)."""
     from jaxalign.flops import flops_per_token
 
     fwd = flops_per_token(mcfg, seq, backward=False)
@@ -340,6 +373,8 @@ def model_step_flops(mcfg, tokens: float, seq: int, *, remat: str, reference: bo
     attn = 4 * L * seq * mcfg.num_heads * mcfg.head_dim
     last = 2 * L * h * (mcfg.intermediate_size + (mcfg.num_heads * mcfg.head_dim if mcfg.parallel_residual else 0))
     per_tok = 3 * fwd + {"full": fwd - head - last, "dots": attn}.get(remat, 0.0) + (fwd if reference else 0.0)
+    if lora:
+        per_tok -= fwd - attn  # the weight gradients: every matmul of the forward but attention's own einsums
     if not lm_head:
-        per_tok -= 3 * head
+        per_tok -= (2 if lora else 3) * head
     return per_tok * tokens

@@ -19,7 +19,7 @@ from jaxalign.metrics import MetricsWriter
 from jaxalign.models.config import ModelConfig
 from jaxalign.train.loop import run_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
-from jaxalign.train.state import create_state
+from jaxalign.train.state import create_state, param_shardings
 from jaxalign.train.steps import StepConfig, make_eval_step, make_train_step
 
 
@@ -55,7 +55,8 @@ def make_dataset(kind: str, examples: Sequence[dict], s: PhaseSettings, *, pad_i
 
 
 def make_evaluator(cfg: ModelConfig, step_cfg: StepConfig, mesh, examples: Sequence[dict], *, batch_size: int,
-                   pad_id: int, buckets: Sequence[int], ref_params=None) -> Callable[[Any], dict[str, float]] | None:
+                   pad_id: int, buckets: Sequence[int], ref_params=None,
+                   frozen=None) -> Callable[[Any], dict[str, float]] | None:
     """``evaluate(state) -> metrics``: the step's loss and metrics on held-out ``examples``, the mean over full batches
     of ``batch_size`` (a remainder smaller than a batch is left out); None when not one batch is there."""
     n = len(examples) // batch_size * batch_size
@@ -65,7 +66,7 @@ def make_evaluator(cfg: ModelConfig, step_cfg: StepConfig, mesh, examples: Seque
     batches = [{k: v for k, v in pad(examples[i:i + batch_size], pad_id=pad_id, buckets=buckets).items()
                 if k != "row_id"} for i in range(0, n, batch_size)]
     fn = make_eval_step(cfg, step_cfg, mesh)
-    extra = (ref_params,) if step_cfg.takes_reference_params else ()
+    extra = step_cfg.extra_args(frozen, ref_params)
 
     def evaluate(state) -> dict[str, float]:
         sums: dict[str, float] = {}
@@ -90,6 +91,7 @@ def train(
     pad_id: int,
     buckets: Sequence[int],
     ref_params: dict[str, jax.Array] | None = None,
+    frozen: dict[str, jax.Array] | None = None,
     counters: dict[str, int] | None = None,
     on_step=None,
     name: str | None = None,
@@ -100,6 +102,8 @@ def train(
     """Train ``params`` on ``examples``; resumable: a re-run with the same arguments continues from the last save.
 
     ``params`` are donated to the train state (device arrays passed in are deleted): pass a copy to keep them.
+    With ``step_cfg.lora`` they are the trainable tree (``jaxalign.models.lora.split_trainable``) and ``frozen`` the
+    base: placed by the usual rules, a step argument, not donated and not checkpointed; the trained tree is returned.
     ``eval_examples``: held-out examples evaluated every ``eval_every`` steps (0: only) and at the last step, logged
     with the ``eval`` prefix (tensorboard ``eval/loss``, ``eval/rewards/accuracies``: TRL's tags)."""
     phase_dir = epath.Path(phase_dir)
@@ -110,10 +114,11 @@ def train(
     dataset = make_dataset(step_cfg.kind, examples, settings, pad_id=pad_id, buckets=buckets)
     example = {k: v for k, v in next(iter(dataset)).items() if k != "row_id"}
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    takes_ref = step_cfg.takes_reference_params
-    step_fn = make_train_step(cfg, step_cfg, optimizer, schedule, mesh, state_sharding, example,
-                              ref_params if takes_ref else None)
-    extra: tuple[Any, ...] = (ref_params,) if takes_ref else ()
+    if step_cfg.lora is not None:
+        frozen = jax.device_put(frozen, param_shardings(frozen, mesh))
+    ref_params = ref_params if step_cfg.takes_reference_params else None
+    step_fn = make_train_step(cfg, step_cfg, optimizer, schedule, mesh, state_sharding, example, ref_params, frozen)
+    extra = step_cfg.extra_args(frozen, ref_params)
     checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=settings.keep_checkpoints,
                                      async_save=settings.async_checkpointing)
     start = checkpointer.latest_step() or 0
@@ -131,7 +136,8 @@ def train(
                          counters=counters, on_step=on_step, on_batch=on_batch,
                          evaluate=make_evaluator(cfg, step_cfg, mesh, eval_examples,
                                                  batch_size=settings.global_batch_size // step_cfg.accum_steps,
-                                                 pad_id=pad_id, buckets=buckets, ref_params=ref_params),
+                                                 pad_id=pad_id, buckets=buckets, ref_params=ref_params,
+                                                 frozen=frozen),
                          eval_every=eval_every)
     finally:
         writer.close()

@@ -9,7 +9,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.models.axes import PARAM_AXES
+from jaxalign.models.lora import trainable_logical_axes
 
 
 class TrainState(NamedTuple):
@@ -19,7 +19,9 @@ class TrainState(NamedTuple):
 
 
 def param_shardings(params: dict[str, Any], mesh) -> dict[str, NamedSharding]:
-    return {k: sharding.named_sharding(PARAM_AXES[k], v.shape, mesh) for k, v in params.items()}
+    """By each param's logical axes; LoRA adapters by their base matrix's (``adapter_logical_axes``)."""
+    axes = trainable_logical_axes(params)
+    return {k: sharding.named_sharding(axes[k], v.shape, mesh) for k, v in params.items()}
 
 
 def state_shardings(abstract_state: TrainState, mesh) -> TrainState:

@@ -22,6 +22,7 @@ from jaxalign.losses import (Objective, afd_discriminator_loss, bradley_terry_lo
                              token_logprobs)
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import forward
+from jaxalign.models.lora import LoraConfig, join_trainable
 from jaxalign.models.reward import reward_forward
 from jaxalign.train.onpolicy_steps import OnPolicySettings, onpolicy_loss_fn
 from jaxalign.train.state import TrainState, param_shardings
@@ -33,22 +34,44 @@ class StepConfig:
     accum_steps: int = 1
     objective: Objective | None = None  # policy: the resolved pair objective (hyper-parameters bound in)
     # policy: how the reference model's log-probs arrive — "in_step" (its frozen params are a step argument),
-    # "precomputed" (``ref_chosen_logps`` / ``ref_rejected_logps`` in the batch) or "none" (reference-free objective)
+    # "precomputed" (``ref_chosen_logps`` / ``ref_rejected_logps`` in the batch), "none" (reference-free objective) or
+    # "base" (LoRA: the frozen base with the adapters off is the reference, no second copy of the weights)
     reference_logps: str = "in_step"
     margin: float = 0.0  # reward
     center_coef: float = 0.0  # reward
     reward_loss: str = "bradley_terry"  # reward: bradley_terry on (chosen, rejected) | afd_discriminator (pointwise)
     onpolicy: OnPolicySettings | None = None  # onpolicy: the RL settings (kind, clip, KL, value coefficient ...)
+    # LoRA: the state's params are the trainable tree (adapters, + the reward head) and the frozen base is a step
+    # argument (never donated, no gradient); ``seed`` draws the adapter-dropout masks (per step, so resumes repeat them)
+    lora: LoraConfig | None = None
+    seed: int = 0
 
     @property
     def takes_reference_params(self) -> bool:
         return self.kind == "policy" and self.reference_logps == "in_step"
 
+    def extra_args(self, frozen=None, ref_params=None) -> tuple:
+        """The step's arguments after ``(state, batch)``: the frozen base (LoRA), then the reference's params."""
+        return ((frozen,) if self.lora else ()) + ((ref_params,) if self.takes_reference_params else ())
+
+    def split_extra(self, extra: tuple) -> tuple[Any, Any]:
+        """``(frozen, ref_params)`` from :meth:`extra_args`'s tuple (None for what the step does not take)."""
+        frozen = extra[0] if self.lora else None
+        return frozen, (extra[-1] if self.takes_reference_params else None)
+
+    def weights(self, params, frozen, key=None) -> tuple[dict, dict]:
+        """``(params, forward kwargs)`` of the model the loss runs: with LoRA the base joined with the trainable
+        tree (the base under stop_gradient) and ``lora=(adapters, cfg)``; without, the params as they are."""
+        if self.lora is None:
+            return params, {}
+        full, adapters = join_trainable(params, jax.lax.stop_gradient(frozen))
+        return full, {"lora": (adapters, self.lora), "dropout_rng": key}
+
 
 # ---- losses on a batch ------------------------------------------------------------------------------------------
 
-def _seq_logps(params, cfg: ModelConfig, ids, attn, loss_mask, reduce):
-    logits = forward(params, cfg, ids[:, :-1], attention_mask=attn[:, :-1])
+def _seq_logps(params, cfg: ModelConfig, ids, attn, loss_mask, reduce, **fwd):
+    logits = forward(params, cfg, ids[:, :-1], attention_mask=attn[:, :-1], **fwd)
     tok = token_logprobs(logits, ids[:, 1:])
     return sequence_logprobs(tok, loss_mask[:, 1:], reduce=reduce)
 
@@ -58,14 +81,14 @@ def _concat_pairs(batch):
     return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
 
 
-def sft_loss_fn(params, cfg, batch, normalizer):
+def sft_loss_fn(params, cfg, batch, normalizer, **fwd):
     """``jaxalign.losses.sft_loss`` on the micro-batch; with accumulation (``normalizer`` = the whole batch's token
     count) the micro-batch mean is reweighted by its share of the tokens, so the summed micro losses are the token mean
     of the whole batch."""
     seg = batch["segment_ids"][:, :-1] if "segment_ids" in batch else None  # packed rows
     pos = batch["positions"][:, :-1] if "positions" in batch else None
     logits = forward(params, cfg, batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1],
-                     segment_ids=seg, positions=pos)
+                     segment_ids=seg, positions=pos, **fwd)
     loss, metrics = sft_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
     if normalizer is not None:
         share = metrics["num_tokens"] / normalizer
@@ -74,9 +97,9 @@ def sft_loss_fn(params, cfg, batch, normalizer):
     return loss, {"loss": loss, **metrics}
 
 
-def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
+def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig, **fwd):
     ids, attn, _ = _concat_pairs(batch)
-    rewards = reward_forward(params, cfg, ids, attention_mask=attn)
+    rewards = reward_forward(params, cfg, ids, attention_mask=attn, **fwd)
     b = batch["chosen_input_ids"].shape[0]
     if step_cfg.reward_loss == "afd_discriminator":  # chosen = positives, rejected = negatives, scored one by one
         loss, metrics = afd_discriminator_loss(rewards[:b], rewards[b:])
@@ -91,17 +114,20 @@ def reward_loss_fn(params, cfg, batch, step_cfg: StepConfig):
     return loss, {"loss": loss, **metrics}
 
 
-def policy_loss_fn(params, cfg, batch, step_cfg: StepConfig, ref_params=None):
+def policy_loss_fn(params, cfg, batch, step_cfg: StepConfig, ref_params=None, **fwd):
+    """With ``reference_logps="base"`` (LoRA) the reference is ``params`` themselves without the adapters of
+    ``fwd["lora"]``: the frozen base the policy's adapters sit on."""
     objective = step_cfg.objective
     ids, attn, mask = _concat_pairs(batch)
     b = batch["chosen_input_ids"].shape[0]
-    logps = _seq_logps(params, cfg, ids, attn, mask, objective.reduce)
+    logps = _seq_logps(params, cfg, ids, attn, mask, objective.reduce, **fwd)
     if step_cfg.reference_logps == "none":
         ref_c = ref_r = jnp.zeros((b,), jnp.float32)
     elif step_cfg.reference_logps == "precomputed":
         ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
-        ref = jax.lax.stop_gradient(_seq_logps(ref_params, cfg, ids, attn, mask, objective.reduce))
+        ref_model = params if step_cfg.reference_logps == "base" else ref_params
+        ref = jax.lax.stop_gradient(_seq_logps(ref_model, cfg, ids, attn, mask, objective.reduce))
         ref_c, ref_r = ref[:b], ref[b:]
     loss, metrics = objective.fn(logps[:b], logps[b:], ref_c, ref_r, **objective.defaults)
     return loss, {"loss": loss, **metrics}
@@ -129,41 +155,52 @@ def _token_count(batch, kind, accum_steps):
 
 def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh, state_sharding: TrainState, batch_example: dict[str, Any],
-                    ref_params_example: dict | None = None) -> Callable:
-    """Compile-once step for ``state_sharding`` / the batch structure of ``batch_example`` (shapes may vary by bucket)."""
+                    ref_params_example: dict | None = None, frozen_example: dict | None = None) -> Callable:
+    """Compile-once step for ``state_sharding`` / the batch structure of ``batch_example`` (shapes may vary by bucket).
+    Called as ``step(state, batch, *step_cfg.extra_args(frozen, ref_params))``; only the state is donated."""
     kind = step_cfg.kind
     k = step_cfg.accum_steps
+    if step_cfg.lora is not None and kind == "onpolicy":
+        raise ValueError("LoRA is not wired into the on-policy steps (config_checks refuses the combination)")
 
-    def loss_on(params, micro, normalizer, ref_params):
+    def loss_on(params, micro, normalizer, frozen, ref_params, key):
+        params, fwd = step_cfg.weights(params, frozen, key)
         if kind == "sft":
-            return sft_loss_fn(params, cfg, micro, normalizer)
+            return sft_loss_fn(params, cfg, micro, normalizer, **fwd)
         if kind == "reward":
-            return reward_loss_fn(params, cfg, micro, step_cfg)
+            return reward_loss_fn(params, cfg, micro, step_cfg, **fwd)
         if kind == "policy":
-            return policy_loss_fn(params, cfg, micro, step_cfg, ref_params)
+            return policy_loss_fn(params, cfg, micro, step_cfg, ref_params, **fwd)
         if kind == "onpolicy":
             return onpolicy_loss_fn(params, cfg, micro, step_cfg.onpolicy)
         raise ValueError(f"step kind {kind!r}; choose sft, reward, policy or onpolicy")
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
+    dropout = step_cfg.lora is not None and step_cfg.lora.dropout > 0.0
 
-    def step(state: TrainState, batch, ref_params=None):
+    def step(state: TrainState, batch, *extra):
+        frozen, ref_params = step_cfg.split_extra(extra)
+        # adapter dropout: masks drawn from (seed, step), so a resumed run draws the same ones
+        key = jax.random.fold_in(jax.random.PRNGKey(step_cfg.seed), state.step) if dropout else None
         with sharding.activate(mesh):
             normalizer = _token_count(batch, kind, k)
             if k == 1:
-                (loss, metrics), grads = grad_fn(state.params, batch, normalizer, ref_params)
+                (loss, metrics), grads = grad_fn(state.params, batch, normalizer, frozen, ref_params, key)
             else:
                 micro = _split_micro(batch, k, mesh)
+                keys = jax.random.split(key, k) if dropout else None
 
-                def body(acc, mb):
-                    (l, m), g = grad_fn(state.params, mb, normalizer, ref_params)
+                def body(acc, xs):
+                    mb, mkey = xs
+                    (l, m), g = grad_fn(state.params, mb, normalizer, frozen, ref_params, mkey)
                     return jax.tree.map(jnp.add, acc, (g, m)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
                 m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
-                                                         normalizer, ref_params)[0][1])
+                                                         normalizer, frozen, ref_params,
+                                                         None if keys is None else keys[0])[0][1])
                 m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-                (grads, msum), _ = jax.lax.scan(body, (zeros, m_zeros), micro)
+                (grads, msum), _ = jax.lax.scan(body, (zeros, m_zeros), (micro, keys))
                 if kind != "sft":  # sequence losses are batch means: average the micro means
                     grads = jax.tree.map(lambda g: g / k, grads)
                     metrics = jax.tree.map(lambda m: m / k, msum)
@@ -184,24 +221,25 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gra
 
     batch_shardings = {key: sharding.batch_sharding(mesh, v.ndim) for key, v in batch_example.items()}
     replicated = NamedSharding(mesh, P())
-    in_shardings = [state_sharding, batch_shardings]
-    if ref_params_example is not None:
-        in_shardings.append(param_shardings(ref_params_example, mesh))
-    return jax.jit(step, in_shardings=tuple(in_shardings), out_shardings=(state_sharding, replicated),
+    extra = step_cfg.extra_args(frozen_example, ref_params_example)
+    in_shardings = (state_sharding, batch_shardings, *(param_shardings(x, mesh) for x in extra))
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sharding, replicated),
                    donate_argnums=(0,))
 
 
 def make_eval_step(cfg: ModelConfig, step_cfg: StepConfig, mesh) -> Callable:
-    """Jitted ``(params, batch[, ref_params]) -> metrics``: the train step's loss and metrics on a held-out batch, no
-    gradient (the metrics TRL logs as ``eval_loss``, ``eval_rewards/accuracies``, ...)."""
-    def fn(params, batch, ref_params=None):
+    """Jitted ``(params, batch, *step_cfg.extra_args(frozen, ref_params)) -> metrics``: the train step's loss and
+    metrics on a held-out batch, no gradient, no dropout (the metrics TRL logs as ``eval_loss``, ...)."""
+    def fn(params, batch, *extra):
+        frozen, ref_params = step_cfg.split_extra(extra)
+        params, fwd = step_cfg.weights(params, frozen)
         with sharding.activate(mesh):
             if step_cfg.kind == "sft":
-                _, metrics = sft_loss_fn(params, cfg, batch, None)
+                _, metrics = sft_loss_fn(params, cfg, batch, None, **fwd)
             elif step_cfg.kind == "reward":
-                _, metrics = reward_loss_fn(params, cfg, batch, step_cfg)
+                _, metrics = reward_loss_fn(params, cfg, batch, step_cfg, **fwd)
             else:
-                _, metrics = policy_loss_fn(params, cfg, batch, step_cfg, ref_params)
+                _, metrics = policy_loss_fn(params, cfg, batch, step_cfg, ref_params, **fwd)
             return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     return jax.jit(fn)
