@@ -455,7 +455,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = list(EVAL_SETS)
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=90)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=90)
     width = 0.8 / len(SCORERS)
     for i, sc in enumerate(SCORERS):
         rs = [next(r for r in result["rows"] if r["eval_set"] == n and r["scorer"] == sc) for n in sets]
@@ -465,16 +465,19 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(x, acc, width, yerr=err, capsize=2, label=LABELS[sc])
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(sets)), sets)
-    ax.set_ylim(0.2, 0.9)
+    ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("pairwise accuracy")
     n = result["rows"][0]["n"]
     ax.set_title(f"SmolLM2-135M-Instruct (Q4-dequantized), frozen backbone + trained head; n={n} pairs/set, 95% CI",
                  fontsize=8)
-    ax.legend(fontsize=6, ncol=3, loc="upper right")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--replot"]:  # redraw the figure from a results.json: --replot RESULTS.json OUT.png
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
+    else:
+        main(sys.argv[1:])
