@@ -187,10 +187,6 @@ def _check_lora(cfg, need, number) -> None:
          f"{unknown or 'none'}; a target the model lacks, e.g. gate on GPT-NeoX, is skipped)")
     need(lo.base_dtype in ("",) + DTYPES, "model.lora.base_dtype", lo.base_dtype,
          f"the frozen base's dtype: '' (= model.param_dtype) or one of {', '.join(DTYPES)}")
-    if lo.rank:
-        need(cfg.policy.kind == "pairs", "policy.kind", cfg.policy.kind,
-             "the on-policy steps (rloo / grpo / ppo / online_dil) do not train LoRA adapters yet: use "
-             "policy.kind=pairs with model.lora.rank > 0, or model.lora.rank=0 for on-policy training")
 
 
 def _check_onpolicy(cfg, need) -> None:

@@ -134,6 +134,31 @@ def test_peft_loads_our_adapter(variant, targets, hf_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(v), err_msg=k)
 
 
+def test_peft_loads_our_reward_adapter_with_its_head(hf_dir, tmp_path):
+    """A reward model's adapters + its fully trained head, saved as a SEQ_CLS adapter (head as modules_to_save):
+    PEFT on AutoModelForSequenceClassification scores a batch as jaxalign's reward_forward does (1e-4)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from jaxalign.models.reward import init_score, reward_forward
+
+    folder = hf_dir("llama")
+    model = from_pretrained(folder)
+    cfg, params = model.cfg, model.param_dict()
+    lcfg = LoraConfig(rank=4, alpha=8, targets=("q", "v", "down"))
+    adapters = _trained(init_adapters(cfg, lcfg, jax.random.PRNGKey(1)))
+    params["score"] = init_score(cfg, jax.random.PRNGKey(2))
+    ids = _ids(3, 9, seed=5)
+    ours = np.asarray(reward_forward(params, cfg, ids, lora=(adapters, lcfg)))
+    save_peft_adapter(adapters, lcfg, cfg, tmp_path / "adapter", base_model_name_or_path=str(folder),
+                      score=params["score"])
+    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+    base.config.pad_token_id = 0  # no padding in these rows: any id lets transformers take the last token
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = pm(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()[:, 0]
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
 def test_reads_an_adapter_peft_itself_saved(hf_dir, tmp_path):
     """PEFT's own save_pretrained (random A and B, rsLoRA scaling) read by load_peft_adapter gives PEFT's logits."""
     from transformers import AutoModelForCausalLM

@@ -137,3 +137,46 @@ def test_a_resumed_phase_ends_with_the_same_weights(demo):
     assert [r["objective/scores"] for r in resumed] == [r["objective/scores"] for r in straight]
     wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_rloo_and_ppo_train_lora_adapters_on_the_frozen_base(demo):
+    """model.lora with the on-policy kinds: the state and its checkpoints hold the adapters (+ PPO's value head), not
+    the base; the reference is the base with the adapters off, so the first rollout batch's KL (B = 0: the adapted
+    policy is the base exactly) is 0; the phase exports the merged model and a PEFT adapter folder. Online DIL's pair
+    step runs on the same split with the base as its reference."""
+    import json
+
+    import jax
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import load_file
+
+    ctx, _ = demo
+    saved_lora, saved_cfg = ctx.lora, ctx.cfg.model.lora
+    ctx.cfg.model.lora = dataclasses.replace(saved_cfg, rank=4, alpha=8.0)
+    ctx.lora = ctx.cfg.model.lora.build()
+    try:
+        kw = dict(prompts=32, num_samples=4, rollout_batch_size=64, batch_size=32, inner_epochs=1, save_every=1,
+                  learning_rate=5e-3)
+        _, rows, folder = _run(demo, "lora_rloo", kind="rloo", max_steps=3, **kw)
+        _, ppo_rows, ppo_folder = _run(demo, "lora_ppo", kind="ppo", max_steps=2,
+                                       **{**kw, "num_samples": 1, "rollout_batch_size": 32})
+        _, dil_rows, dil_folder = _run(demo, "lora_dil", kind="online_dil", objective="dil_lsif", max_steps=2,
+                                       **{**kw, "num_samples": 1, "rollout_batch_size": 32})
+    finally:
+        ctx.lora, ctx.cfg.model.lora = saved_lora, saved_cfg
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["objective/kl"] > 1e-4  # the adapters moved the policy away from the base
+    assert {"loss/value", "val/vpred"} <= ppo_rows[0].keys()
+    assert len(dil_rows) == 2 and all(np.isfinite(r["loss"]) for r in dil_rows)
+    for where, extra in ((folder, set()), (ppo_folder, {"value_head"}), (dil_folder, set())):
+        ckpt = where / "checkpoints" / str(max(int(p.name) for p in (where / "checkpoints").iterdir()
+                                               if p.name.isdigit())) / "state"
+        tree = ocp.PyTreeCheckpointer().metadata(ckpt).item_metadata.tree
+        saved = " ".join(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+        assert "['wq_lora_a']" in saved and "['wq']" not in saved and "['embed']" not in saved, saved
+        assert all(f"['{k}']" in saved for k in extra), saved
+        merged = load_file(str(where / "model" / "model.safetensors"))
+        assert not any("value" in k for k in merged)
+        conf = json.loads((where / "adapter" / "adapter_config.json").read_text())
+        assert conf["r"] == 4 and conf["lora_alpha"] == 8.0

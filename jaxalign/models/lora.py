@@ -213,9 +213,12 @@ def _peft_tensors(adapters: dict[str, np.ndarray], cfg: ModelConfig, r: int):
 
 def save_peft_adapter(adapters: dict[str, jax.Array], lora_cfg: LoraConfig, model_cfg: ModelConfig,
                       folder: str | Path, *, base_model_name_or_path: str | None = None,
-                      task_type: str = "CAUSAL_LM") -> Path:
+                      task_type: str = "CAUSAL_LM", score: jax.Array | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(base,
-    folder)`` loads onto the transformers model of ``model_cfg``."""
+    folder)`` loads onto the transformers model of ``model_cfg``. ``score`` (a reward model's head [H], trained in
+    full beside the adapters) makes it a sequence-classification adapter: the head goes in as PEFT's
+    ``modules_to_save`` (``base_model.model.score.weight``, as PEFT itself saves a ``SEQ_CLS`` model), for an
+    ``AutoModelForSequenceClassification`` base with one label."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
@@ -237,6 +240,9 @@ def save_peft_adapter(adapters: dict[str, jax.Array], lora_cfg: LoraConfig, mode
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
         "inference_mode": True,
     }
+    if score is not None:
+        tensors["base_model.model.score.weight"] = np.asarray(jax.device_get(score)).reshape(1, -1)
+        config.update(task_type="SEQ_CLS", modules_to_save=["score"])
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder

@@ -30,11 +30,12 @@ def without_value_head(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in params.items() if k != VALUE_HEAD}
 
 
-def logits_and_values(params, cfg: ModelConfig, input_ids, *, attention_mask=None):
-    """``(logits [B, T, V], values [B, T] float32)`` from one forward; values are None without a value head."""
+def logits_and_values(params, cfg: ModelConfig, input_ids, *, attention_mask=None, **fwd):
+    """``(logits [B, T, V], values [B, T] float32)`` from one forward; values are None without a value head.
+    ``fwd``: the decoder forward's LoRA arguments (``lora=``, ``dropout_rng=``)."""
     if VALUE_HEAD not in params:
-        return forward(params, cfg, input_ids, attention_mask=attention_mask), None
-    hidden = forward(params, cfg, input_ids, attention_mask=attention_mask, return_hidden=True)
+        return forward(params, cfg, input_ids, attention_mask=attention_mask, **fwd), None
+    hidden = forward(params, cfg, input_ids, attention_mask=attention_mask, return_hidden=True, **fwd)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = constrain(jnp.einsum("bth,hv->btv", hidden, head.astype(hidden.dtype)), ("batch", "length", "vocab"))
     values = jnp.einsum("bth,h->bt", hidden.astype(jnp.float32), params[VALUE_HEAD].astype(jnp.float32))

@@ -44,8 +44,9 @@ def save_model(ctx: RunContext, params: dict[str, jax.Array], phase: Phase, *, r
     def write(model: Path, adapter: Path) -> None:
         save_params(params, ctx.model_cfg, model, head=head)
         export(ctx, model, phase, reward=reward)
-        if adapters is not None:
-            save_peft_adapter(adapters, ctx.lora, ctx.model_cfg, adapter, base_model_name_or_path=str(base))
+        if adapters is not None:  # a reward model's head goes with its adapters (PEFT's modules_to_save)
+            save_peft_adapter(adapters, ctx.lora, ctx.model_cfg, adapter, base_model_name_or_path=str(base),
+                              score=params["score"] if reward else None)
 
     if not is_remote(out):
         write(Path(out), Path(out.parent / "adapter"))

@@ -19,6 +19,7 @@ its index, so a resumed phase redoes the batches after the last checkpoint exact
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -38,6 +39,7 @@ from jaxalign.pipeline.pairs import encode_response, make_pair, strip_eos
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.sample import draw, prompts_of_round
 from jaxalign.pipeline.scoring import score_sequences
+from jaxalign.pipeline.training import lora_merged, lora_split
 from jaxalign.train.loop import NonFiniteError, Preempted, PreemptionGuard
 from jaxalign.train.onpolicy_steps import OnPolicySettings, make_rollout_advantages, make_rollout_logps
 from jaxalign.train.optim import make_optimizer
@@ -100,25 +102,32 @@ def rollout_arrays(ctx: RunContext, rows, responses, length: int) -> dict[str, n
 class _Updater:
     """The jitted pieces of the update, compiled on first use, and the mini-batch loop over one rollout batch."""
 
-    def __init__(self, ctx: RunContext, optimizer, schedule, state, ref_params):
-        self.ctx, self.optimizer, self.schedule, self.ref = ctx, optimizer, schedule, ref_params
+    def __init__(self, ctx: RunContext, optimizer, schedule, state, ref_params, frozen=None, *, seed: int = 0):
+        """``frozen``: with LoRA, the base the state's adapters sit on; ``ref_params`` None then means the reference
+        is that base with the adapters off (no second copy of the weights)."""
+        self.ctx, self.optimizer, self.schedule, self.frozen = ctx, optimizer, schedule, frozen
+        self.ref = frozen if ref_params is None else ref_params
         self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
         self.step_fn = None
         p = ctx.cfg.policy
         if p.kind == "online_dil":
             objective = p.build_objective()
-            self.step_cfg = p.step(reference_logps="in_step" if objective.uses_reference else "none")
+            uses = "base" if ref_params is None and frozen is not None else "in_step"
+            self.step_cfg = p.step(reference_logps=uses if objective.uses_reference else "none")
         else:
             self.s = settings(ctx)
             self.step_cfg = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=self.s)
-            self.logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature)
+            self.logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature, ctx.lora)
+            self.ref_logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature)
             self.advantages = make_rollout_advantages(self.s)
+        if ctx.lora is not None:
+            self.step_cfg = dataclasses.replace(self.step_cfg, lora=ctx.lora, seed=seed)
 
     def targets(self, state, arrays: dict[str, np.ndarray], scores: np.ndarray):
         """Old / reference log-probs, values and advantages of a rollout batch (host arrays) + rollout metrics."""
         dev = sharding.shard_batch({k: arrays[k] for k in ("input_ids", "attention_mask")}, self.ctx.mesh)
-        logps, values = self.logps(state.params, dev["input_ids"], dev["attention_mask"])
-        ref_logps, _ = self.logps(self.ref, dev["input_ids"], dev["attention_mask"])
+        logps, values = self.logps(state.params, dev["input_ids"], dev["attention_mask"], self.frozen)
+        ref_logps, _ = self.ref_logps(self.ref, dev["input_ids"], dev["attention_mask"])
         mask = sharding.shard_batch({"m": arrays["loss_mask"][:, 1:]}, self.ctx.mesh)["m"]
         if values is None:
             values = jax.numpy.zeros(logps.shape, jax.numpy.float32)
@@ -142,12 +151,11 @@ class _Updater:
             for start in range(0, rows, p.batch_size):
                 mb = {k: v[perm[start:start + p.batch_size]] for k, v in batch.items()}
                 dev = sharding.shard_batch(mb, self.ctx.mesh)
+                ref = self.ref if self.step_cfg.takes_reference_params else None
                 if self.step_fn is None:
-                    ref = self.ref if self.step_cfg.takes_reference_params else None
                     self.step_fn = make_train_step(self.ctx.model_cfg, self.step_cfg, self.optimizer, self.schedule,
-                                                   self.ctx.mesh, self.state_sharding, mb, ref)
-                extra = (self.ref,) if self.step_cfg.takes_reference_params else ()
-                state, metrics = self.step_fn(state, dev, *extra)
+                                                   self.ctx.mesh, self.state_sharding, mb, ref, self.frozen)
+                state, metrics = self.step_fn(state, dev, *self.step_cfg.extra_args(self.frozen, ref))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if metrics.pop("nonfinite"):
                     if not self.ctx.cfg.reliability.skip_nonfinite:
@@ -184,11 +192,19 @@ def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> 
     optimizer, schedule = make_optimizer(p.optim(), total * p.inner_epochs * (rollout_seqs // p.batch_size))
     start_model = ctx.workdir.policy_model(phase.round - 1)
     params = load_policy(ctx, start_model)
-    ref = load_policy(ctx, start_model if p.reference == "previous" else ctx.workdir.sft_model())
+    ref_folder = start_model if p.reference == "previous" else ctx.workdir.sft_model()
     if p.kind == "ppo":
         params[VALUE_HEAD] = init_value_head(ctx.model_cfg, ctx.mesh)
+    seed = cfg.run.seed + 1000 * phase.round
+    frozen = None
+    if ctx.lora is not None:  # the state trains the adapters (+ PPO's value head) on the frozen base
+        params, frozen = lora_split(ctx, params, seed=seed, trainable=(VALUE_HEAD,) if p.kind == "ppo" else ())
+    # LoRA on the reference itself: the frozen base with the adapters off is the reference, no second copy
+    ref = None if frozen is not None and str(ref_folder) == str(start_model) else load_policy(ctx, ref_folder)
     state = create_state(params, optimizer, ctx.mesh, donate=True)
-    updater = _Updater(ctx, optimizer, schedule, state, ref)
+    updater = _Updater(ctx, optimizer, schedule, state, ref, frozen, seed=seed)
+    policy_of = lambda st: without_value_head(  # noqa: E731  (the causal LM the sampler and the export see)
+        st.params if frozen is None else lora_merged(ctx, st.params, frozen).params)
     score = None if p.kind == "online_dil" else make_scorer(ctx, phase, rows, reward_fn)
     longest = max(len(r.prompt_ids) for r in rows) + cfg.sample.max_new_tokens
     length = bucket_for(longest, ctx.buckets + (longest,))  # one shape for every rollout batch: one compile
@@ -208,7 +224,7 @@ def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> 
                 order = np.random.default_rng(base_seed + epoch).permutation(len(rows))
                 batch_rows = [rows[j] for j in order[b * per:(b + 1) * per]]
                 t0 = time.perf_counter()
-                res = draw(ctx, without_value_head(state.params), [r.prompt_ids.tolist() for r in batch_rows],
+                res = draw(ctx, policy_of(state), [r.prompt_ids.tolist() for r in batch_rows],
                            num_samples=n, temperature=cfg.sample.temperature,
                            max_new_tokens=cfg.sample.max_new_tokens, seed=(base_seed + 7919 * i) % 2**31)
                 flat_rows = [r for r in batch_rows for _ in range(n)]
@@ -239,7 +255,11 @@ def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> 
     finally:
         writer.close()
         checkpointer.close()
-    save_model(ctx, without_value_head(state.params), phase)
+    if frozen is None:
+        save_model(ctx, without_value_head(state.params), phase)
+    else:
+        trained = lora_merged(ctx, state.params, frozen)
+        save_model(ctx, without_value_head(trained.params), phase, adapters=trained.adapters, base=start_model)
     return final_metrics(ctx, phase)
 
 

@@ -2,7 +2,8 @@
 
 Round k's RM starts from the SFT backbone with a fresh head (``reward.reinit_each_round``, as the IRL authors do) or
 from round k-1's RM, or from ``model.reward_path`` when the recipe names a separate backbone. With LoRA (``model.lora.rank``) the backbone is
-frozen and its adapters train together with the whole score head.
+frozen and its adapters train together with the whole score head; the phase exports the merged model and a PEFT
+sequence-classification adapter (the head as ``modules_to_save``) for the backbone it started from.
 """
 from __future__ import annotations
 
@@ -20,6 +21,6 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
         ctx.workdir.sft_model()
     params = load_reward(ctx, init, seed=cfg.run.seed + phase.round)
     trained = train_phase(ctx, phase, cfg.reward, cfg.reward.step(), params, reward_pairs(ctx, phase.round))
-    # LoRA: the merged backbone with its fully trained head; no PEFT folder (PEFT's adapter would lack the new head)
-    save_model(ctx, trained.params, phase, reward=True)
+    # LoRA: model/ = the merged backbone with its head; adapter/ = the adapters + the head as PEFT's modules_to_save
+    save_model(ctx, trained.params, phase, reward=True, adapters=trained.adapters, base=init)
     return final_metrics(ctx, phase)

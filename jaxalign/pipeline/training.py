@@ -43,30 +43,35 @@ def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig,
         heldout = ctx.heldout_sft if step.kind == "sft" else ctx.heldout_pairs
     frozen = None
     if ctx.lora is not None:
-        adapters = init_adapters(ctx.model_cfg, ctx.lora, jax.random.PRNGKey(settings.seed))
-        params, frozen = _split(params, adapters, step.kind, cfg.model.lora.base_dtype)
+        params, frozen = lora_split(ctx, params, seed=settings.seed, trainable=("score",) if step.kind == "reward" else ())
         step = dataclasses.replace(step, lora=ctx.lora, seed=settings.seed)
     out = train(cfg=ctx.model_cfg, params=params, examples=examples, phase_dir=ctx.workdir.phase(phase),
                 mesh=ctx.mesh, step_cfg=step, optim=section.optim(), settings=settings, pad_id=ctx.encoder.pad_id,
                 buckets=ctx.buckets, ref_params=ref_params, frozen=frozen, counters=ctx.counters, name=phase.name,
                 eval_examples=heldout, eval_every=cfg.eval.eval_steps)
-    if ctx.lora is None:
-        return Trained(out)
-    base, adapters = join_trainable(out, frozen)
-    # merged in the master dtype: a bfloat16 base plus the float32 update, so the export is the model that trained
-    dtype = jnp.dtype(ctx.model_cfg.param_dtype)
-    return Trained(merge({k: v.astype(dtype) for k, v in base.items()}, adapters, ctx.model_cfg, ctx.lora), adapters)
+    return Trained(out) if ctx.lora is None else lora_merged(ctx, out, frozen)
 
 
-def _split(params, adapters, kind: str, base_dtype: str):
-    """(trainable, frozen) for a phase; a base cast to ``base_dtype`` frees its master-dtype arrays at once (they
-    were donated to the phase), so the devices never hold both."""
-    trainable, frozen = split_trainable(params, adapters, trainable=("score",) if kind == "reward" else (),
-                                        base_dtype=base_dtype or None)
+def lora_split(ctx: RunContext, params: dict[str, jax.Array], *, seed: int, trainable: tuple[str, ...] = ()
+               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """``(trainable, frozen)`` for a LoRA phase: fresh adapters drawn from ``seed`` plus the params named in
+    ``trainable`` (the reward head, PPO's value head), and the base in ``model.lora.base_dtype``. A base cast to another
+    dtype frees its master-dtype arrays at once (they were donated to the phase), so the devices never hold both."""
+    adapters = init_adapters(ctx.model_cfg, ctx.lora, jax.random.PRNGKey(seed))
+    train, frozen = split_trainable(params, adapters, trainable=trainable,
+                                    base_dtype=ctx.cfg.model.lora.base_dtype or None)
     for k, v in frozen.items():
         if params[k] is not v:
             params[k].delete()
-    return trainable, frozen
+    return train, frozen
+
+
+def lora_merged(ctx: RunContext, trainable: dict[str, jax.Array], frozen: dict[str, jax.Array]) -> Trained:
+    """The complete model of a LoRA phase (adapters merged into the base) and its adapters. Merged in the master
+    dtype: a bfloat16 base plus the float32 update, so the export is the model that trained."""
+    base, adapters = join_trainable(trainable, frozen)
+    dtype = jnp.dtype(ctx.model_cfg.param_dtype)
+    return Trained(merge({k: v.astype(dtype) for k, v in base.items()}, adapters, ctx.model_cfg, ctx.lora), adapters)
 
 
 def final_metrics(ctx: RunContext, phase: Phase) -> dict[str, float]:

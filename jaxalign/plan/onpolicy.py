@@ -19,12 +19,16 @@ __all__ = ["REWARD_KINDS", "onpolicy_inputs", "plan_onpolicy"]
 
 
 def onpolicy_inputs(cfg, mcfg, mesh):
-    """``(step_cfg, params, batch, resident, detail)``: the step's abstract params and mini-batch, and the abstract
-    trees resident beside it (reference, reward model)."""
+    """``(step_cfg, params, frozen, batch, resident, detail)``: the step's abstract params (with LoRA: the adapters,
+    + PPO's value head) and frozen base (None without LoRA), the mini-batch, and the abstract trees resident beside
+    it (reference, reward model). With LoRA the reference is the frozen base with the adapters off (round 1 / policy.
+    reference=previous, as the pair plan assumes): nothing resident for it."""
+    import dataclasses
+
     import jax.numpy as jnp
 
     from jaxalign.models.value import VALUE_AXES, VALUE_HEAD
-    from jaxalign.plan.phases import abstract_params, sds
+    from jaxalign.plan.phases import abstract_params, lora_split_abstract, sds
     from jaxalign.sharding import batch_sharding, named_sharding
     from jaxalign.train.onpolicy_steps import OnPolicySettings
     from jaxalign.train.steps import StepConfig
@@ -52,12 +56,19 @@ def onpolicy_inputs(cfg, mcfg, mesh):
     if p.kind == "grpo":
         batch["ref_logps"] = sds(per_tok, jnp.float32, tok)
     resident = {"reference": abstract_params(mcfg, mesh), "reward_model": abstract_params(mcfg, mesh, reward=True)}
+    lora, frozen = cfg.model.lora.build(), None
+    if lora is not None:
+        params, frozen = lora_split_abstract(params, mcfg, mesh, lora, cfg.model.lora.base_dtype,
+                                             trainable=(VALUE_HEAD,) if p.kind == "ppo" else ())
+        step_cfg = dataclasses.replace(step_cfg, lora=lora)
+        resident["reference"] = {}
     rollout = p.rollout_batch_size or p.batch_size
     detail = (f"{p.kind}, {b} seqs x {t} tok per mini-batch, rollout {rollout} seqs ({n} per prompt), "
               f"{p.inner_epochs} inner epoch(s){', value head' if p.kind == 'ppo' else ''}"
-              f"{f', accum {p.accum_steps}' if p.accum_steps > 1 else ''}, remat {mcfg.remat}; reference + RM "
-              f"resident")
-    return step_cfg, params, batch, resident, detail
+              f"{f', accum {p.accum_steps}' if p.accum_steps > 1 else ''}, remat {mcfg.remat}; "
+              + (f"LoRA r={lora.rank}, the frozen base is the reference; RM resident" if lora else
+                 "reference + RM resident"))
+    return step_cfg, params, frozen, batch, resident, detail
 
 
 def plan_onpolicy(cfg, mcfg, mesh, sl):
@@ -77,20 +88,21 @@ def plan_onpolicy(cfg, mcfg, mesh, sl):
     if p.batch_size % p.accum_steps or (p.batch_size // p.accum_steps) % batch_shards(mesh):
         raise PlanError(f"policy.batch_size={p.batch_size} / accum_steps={p.accum_steps} does not divide over the "
                         f"mesh's {batch_shards(mesh)} batch shards.")
-    step_cfg, params, batch, resident, detail = onpolicy_inputs(cfg, mcfg, mesh)
+    step_cfg, params, frozen, batch, resident, detail = onpolicy_inputs(cfg, mcfg, mesh)
     optimizer, schedule = make_optimizer(p.optim(), 1000)
     abstract = jax.eval_shape(lambda q: TrainState(jnp.zeros((), jnp.int32), q, optimizer.init(q)), params)
     shard = state_shardings(abstract, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
     row = PhaseRow("policy", detail, hbm=sl.chip.hbm)
-    row.params = compiled_bytes(params)
+    row.params = compiled_bytes(params) + (compiled_bytes(frozen) if frozen is not None else 0.0)
     row.opt_state = compiled_bytes(state.opt_state)
-    row.reference = compiled_bytes(resident["reference"])
+    row.reference = compiled_bytes(resident["reference"]) if resident["reference"] else 0.0
     row.outside = compiled_bytes(resident["reward_model"])
     t = cfg.data.max_length
     compile_and_measure(row, sl, mcfg, lambda: make_train_step(mcfg, step_cfg, optimizer, schedule, mesh, shard,
-                                                               batch), (state, batch),
-                        tokens=p.batch_size * t, seq_len=t, backward=True, extra_args=tree_bytes(batch))
+                                                               batch, None, frozen),
+                        (state, batch) + step_cfg.extra_args(frozen), tokens=p.batch_size * t, seq_len=t,
+                        backward=True, extra_args=tree_bytes(batch))
     row.model_flops = model_step_flops(mcfg, p.batch_size * (t - 1) / len(sl.devices), t - 1, remat=mcfg.remat,
-                                       reference=False)
+                                       reference=False, lora=frozen is not None)
     return row

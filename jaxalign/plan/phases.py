@@ -282,7 +282,8 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     params = abstract_params(mcfg, mesh, reward=kind == "reward")
     lora, frozen = cfg.model.lora.build(), None
     if lora is not None:  # the state holds the adapters (+ the reward head); the base is a frozen step argument
-        params, frozen = _lora_split(params, mcfg, mesh, lora, cfg.model.lora.base_dtype)
+        params, frozen = lora_split_abstract(params, mcfg, mesh, lora, cfg.model.lora.base_dtype,
+                                             trainable=("score",) if kind == "reward" else ())
     optimizer, schedule = _optimizer(section, what_if.mu_dtype)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     shard = state_shardings(abstract, mesh)
@@ -339,9 +340,11 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     return row
 
 
-def _lora_split(params: dict, mcfg, mesh, lora, base_dtype: str) -> tuple[dict, dict]:
+def lora_split_abstract(params: dict, mcfg, mesh, lora, base_dtype: str, *, trainable: tuple[str, ...] = ()
+                        ) -> tuple[dict, dict]:
     """Abstract ``(trainable, frozen)`` as :func:`jaxalign.models.lora.split_trainable` gives them: the adapters in
-    the master dtype (sharded like their base matrices) plus a reward head, and the base in ``base_dtype``."""
+    the master dtype (sharded like their base matrices) plus the params named in ``trainable`` (a reward head, PPO's
+    value head), and the rest of the base in ``base_dtype``."""
     import jax.numpy as jnp
 
     from jaxalign.models.lora import adapter_logical_axes, adapter_shapes
@@ -349,12 +352,11 @@ def _lora_split(params: dict, mcfg, mesh, lora, base_dtype: str) -> tuple[dict, 
 
     shapes = adapter_shapes(mcfg, lora)
     axes = adapter_logical_axes(shapes)
-    trainable = {k: sds(s, jnp.dtype(mcfg.param_dtype), named_sharding(axes[k], s, mesh)) for k, s in shapes.items()}
-    if "score" in params:
-        trainable["score"] = params["score"]
+    train = {k: sds(s, jnp.dtype(mcfg.param_dtype), named_sharding(axes[k], s, mesh)) for k, s in shapes.items()}
+    train.update({k: params[k] for k in trainable})
     dt = jnp.dtype(base_dtype or mcfg.param_dtype)
-    frozen = {k: sds(v.shape, dt, v.sharding) for k, v in params.items() if k != "score"}
-    return trainable, frozen
+    frozen = {k: sds(v.shape, dt, v.sharding) for k, v in params.items() if k not in trainable}
+    return train, frozen
 
 
 def model_step_flops(mcfg, tokens: float, seq: int, *, remat: str, reference: bool, lm_head: bool = True,

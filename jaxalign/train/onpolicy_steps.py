@@ -22,6 +22,7 @@ from jaxalign import sharding
 from jaxalign.losses import (gae, grpo_advantages, grpo_loss, kl_penalized_rewards, masked_whiten, ppo_policy_loss,
                              ppo_token_rewards, ppo_value_loss, rloo_advantages, token_logprobs)
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.lora import LoraConfig, join_trainable
 from jaxalign.models.value import logits_and_values
 
 ONPOLICY_KINDS = ("rloo", "grpo", "ppo")
@@ -47,20 +48,26 @@ class OnPolicySettings:
             raise ValueError(f"on-policy kind {self.kind!r}; choose one of {', '.join(ONPOLICY_KINDS)}")
 
 
-def tempered_token_logps(params, cfg: ModelConfig, input_ids, attention_mask, temperature: float):
-    """``(log pi_T(y_t | y_<t) [B, T - 1], values [B, T - 1] or None)`` of ``logits / temperature``."""
-    logits, values = logits_and_values(params, cfg, input_ids[:, :-1], attention_mask=attention_mask[:, :-1])
+def tempered_token_logps(params, cfg: ModelConfig, input_ids, attention_mask, temperature: float, **fwd):
+    """``(log pi_T(y_t | y_<t) [B, T - 1], values [B, T - 1] or None)`` of ``logits / temperature`` (``fwd``: LoRA's
+    forward arguments)."""
+    logits, values = logits_and_values(params, cfg, input_ids[:, :-1], attention_mask=attention_mask[:, :-1], **fwd)
     if temperature != 1.0:
         logits = logits / jnp.asarray(temperature, logits.dtype)
     return token_logprobs(logits, input_ids[:, 1:]), values
 
 
-def make_rollout_logps(cfg: ModelConfig, mesh, temperature: float) -> Callable:
-    """Jitted ``(params, input_ids, attention_mask) -> (token_logps, values)`` for the rollout (no gradient): the
-    policy's (values with PPO's head) and the reference's."""
-    def fn(params, ids, attn):
+def make_rollout_logps(cfg: ModelConfig, mesh, temperature: float, lora: LoraConfig | None = None) -> Callable:
+    """Jitted ``(params, input_ids, attention_mask, frozen=None) -> (token_logps, values)`` for the rollout (no
+    gradient): the policy's (values with PPO's head) and the reference's. With ``lora`` the params are the trainable
+    tree and ``frozen`` the base they sit on, evaluated as the train step evaluates them (adapters unmerged)."""
+    def fn(params, ids, attn, frozen=None):
+        fwd = {}
+        if lora is not None:
+            params, adapters = join_trainable(params, frozen)
+            fwd = {"lora": (adapters, lora)}
         with sharding.activate(mesh):
-            return tempered_token_logps(params, cfg, ids, attn, temperature)
+            return tempered_token_logps(params, cfg, ids, attn, temperature, **fwd)
 
     return jax.jit(fn)
 
@@ -96,10 +103,11 @@ def make_rollout_advantages(s: OnPolicySettings) -> Callable:
     return jax.jit(lambda *a: rollout_advantages(s, *a))
 
 
-def onpolicy_loss_fn(params, cfg: ModelConfig, batch, s: OnPolicySettings):
+def onpolicy_loss_fn(params, cfg: ModelConfig, batch, s: OnPolicySettings, **fwd):
     """The mini-batch loss: RLOO's clipped REINFORCE on sequence log-probs, GRPO's token loss with the k3 KL term,
-    or PPO's clipped policy loss + ``vf_coef`` x clipped value loss."""
-    logp, values = tempered_token_logps(params, cfg, batch["input_ids"], batch["attention_mask"], s.temperature)
+    or PPO's clipped policy loss + ``vf_coef`` x clipped value loss (``fwd``: LoRA's forward arguments)."""
+    logp, values = tempered_token_logps(params, cfg, batch["input_ids"], batch["attention_mask"], s.temperature,
+                                        **fwd)
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     old = batch["old_logps"]
     if s.kind == "rloo":  # TRL RLOOTrainer: the ratio of whole-sequence probabilities

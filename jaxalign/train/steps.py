@@ -160,8 +160,6 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gra
     Called as ``step(state, batch, *step_cfg.extra_args(frozen, ref_params))``; only the state is donated."""
     kind = step_cfg.kind
     k = step_cfg.accum_steps
-    if step_cfg.lora is not None and kind == "onpolicy":
-        raise ValueError("LoRA is not wired into the on-policy steps (config_checks refuses the combination)")
 
     def loss_on(params, micro, normalizer, frozen, ref_params, key):
         params, fwd = step_cfg.weights(params, frozen, key)
@@ -172,7 +170,7 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, optimizer: optax.Gra
         if kind == "policy":
             return policy_loss_fn(params, cfg, micro, step_cfg, ref_params, **fwd)
         if kind == "onpolicy":
-            return onpolicy_loss_fn(params, cfg, micro, step_cfg.onpolicy)
+            return onpolicy_loss_fn(params, cfg, micro, step_cfg.onpolicy, **fwd)
         raise ValueError(f"step kind {kind!r}; choose sft, reward, policy or onpolicy")
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
