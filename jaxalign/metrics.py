@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import jax
 from etils import epath
 
-from jaxalign.storage import is_remote, staging_dir
+from jaxalign.storage import cache_root, is_remote, staging_dir
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -130,8 +130,10 @@ class MetricsWriter:
                     (local / "metrics.jsonl").write_bytes((self.logdir / "metrics.jsonl").read_bytes())
             if "tensorboard" in trackers:
                 self.trackers.append(_TensorBoard(local, flush_secs=flush_secs))
-            if "wandb" in trackers:
-                self.trackers.append(_Wandb(local, run_id=_run_id(self.logdir), run_name=run_name, phase=desc,
+            if "wandb" in trackers:  # its local files outlive a bucket run's staging folder
+                where = Path(self.logdir) if self._staging is None else cache_root() / "wandb"
+                where.mkdir(parents=True, exist_ok=True)
+                self.trackers.append(_Wandb(where, run_id=_run_id(self.logdir), run_name=run_name, phase=desc,
                                             project=wandb_project, config=config))
             path = local / "metrics.jsonl"
             # A process killed mid-write can leave a partial last line: start the resumed run on a fresh line.
@@ -204,6 +206,8 @@ class MetricsWriter:
     def _upload(self) -> None:
         """Copy the staged files that changed since the last upload (event files, metrics.jsonl) to the bucket."""
         for f in Path(self._staging.name).iterdir():
+            if not f.is_file():  # (wandb's own run folder: wandb syncs it itself)
+                continue
             size = f.stat().st_size
             if self._sizes.get(f.name) != size:
                 (self.logdir / f.name).write_bytes(f.read_bytes())
