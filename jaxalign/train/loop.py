@@ -50,11 +50,14 @@ class PreemptionGuard:
     def _handle(self, signum, frame):
         if self.flag and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.flag = True
+        self.flag, self.signum = True, signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self.flag and exc_type is None and self._old:
+            # a signal after the last step boundary's check would be lost: hand it to the handlers outside
+            signal.raise_signal(self.signum)
 
     def agreed(self) -> bool:
         """True on every process if any process got a signal (a collective, so all stop at the same step)."""
