@@ -1,17 +1,30 @@
-"""The CPU demo's numbers across seeds and policy objectives, plus its wall-clock time.
+"""The CPU demo's numbers across seeds and policy steps, plus its wall-clock time (docs/results.md).
 
-    python benchmarks/demo_seeds.py                         # seeds 0,1,2 x objectives dil_lsif,dpo
-    python benchmarks/demo_seeds.py --seeds 0 --objectives dil_lsif   # one run: the demo's own timing
+    python benchmarks/demo_seeds.py                               # seeds 0-4 x dil_lsif, dpo, spin
+    python benchmarks/demo_seeds.py --seeds 0 --variants dil_lsif # one run: the demo's own timing
+
+Variants (the policy step of each IRL round; everything else is ``configs/demo_cpu.yaml``):
+
+- ``dil_lsif``: the demo as shipped — best-of-N max-min pairs ranked by the round's reward model, DIL's LSIF loss;
+- ``dpo``: the same pairs, DPO's loss;
+- ``spin``: SPIN-style pairs that do not use the reward model — demonstration vs the policy's own sample, DPO's loss
+  with the previous round's policy as reference (``configs/ultrachat_spin.yaml``'s policy choices).
 
 Each run is the real launcher (``launch/tpu_run.py --config demo_cpu``) in a subprocess with its own work directory;
-the table gives, per objective and round, the mean and spread (min..max over seeds) of the gold metric, the reward
-model's held-out accuracy and its win rate against the SFT policy, and each run's wall-clock time.
+the variants of one seed share its SFT phase (the first variant's ``assets``, ``sft`` and ``eval0`` are copied into
+the others' work directories, which then skip them as finished: same settings, same seed). ``--jobs 2`` runs two
+seeds at a time.
+The table gives, per variant and round, the mean and range (min..max over seeds) of the gold score (greedy answers to
+the held-out prompts), the reward model's accuracy on held-out (demonstration, own answer) pairs and on the corrupted
+held-out pairs, and its win rate against the SFT model's answers; ``--json`` writes every run's rows.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,17 +33,24 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "dil_lsif": ["policy.objective=dil_lsif"],
+    "dpo": ["policy.objective=dpo"],
+    "spin": ["policy.objective=dpo", "policy.pairs=demo_vs_sample", "policy.reference=previous"],
+}
+COLUMNS = (("gold", "gold"), ("rm_demo_vs_sample_accuracy", "RM acc. (demo vs own answer)"),
+           ("rm_heldout_accuracy", "RM acc. (corrupted pairs)"), ("rm_win_rate_vs_sft", "RM win rate vs SFT"))
 
 
-def run_demo(workdir: Path, seed: int, objective: str, extra: list[str]) -> tuple[list[dict], float]:
+def run_demo(workdir: Path, seed: int, variant: str, extra: list[str]) -> tuple[list[dict], float]:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(ROOT / "launch" / "tpu_run.py"), "--config", "demo_cpu", "--workdir", str(workdir),
-           f"run.seed={seed}", f"policy.objective={objective}", "run.show_progress=false", *extra]
+           f"run.seed={seed}", "run.show_progress=false", *VARIANTS[variant], *extra]
     t0 = time.time()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if out.returncode != 0:
-        raise SystemExit(f"demo failed (seed {seed}, {objective}):\n{out.stderr[-3000:]}")
+        raise SystemExit(f"demo failed (seed {seed}, {variant}):\n{out.stderr[-3000:]}")
     sys.path.insert(0, str(ROOT))
     from jaxalign import config as config_lib
     from jaxalign.pipeline.report import round_table
@@ -40,40 +60,59 @@ def run_demo(workdir: Path, seed: int, objective: str, extra: list[str]) -> tupl
     return round_table(Pipeline(cfg, workdir)), wall
 
 
+def cell(values) -> str:
+    v = np.asarray([x for x in values if x is not None], float)
+    if not len(v):
+        return "–"
+    return f"{v.mean():.3f} ({v.min():.3f}..{v.max():.3f})" if len(v) > 1 else f"{v[0]:.3f}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--objectives", default="dil_lsif,dpo")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--root", default="runs/demo_seeds")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at a time")
+    ap.add_argument("--json", default="", help="write every run's round table here")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = ap.parse_args()
-    results: dict[str, list[list[dict]]] = {}
-    walls = []
-    for objective in args.objectives.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            table, wall = run_demo(Path(args.root) / f"{objective}_seed{seed}", seed, objective, args.overrides)
-            results.setdefault(objective, []).append(table)
-            walls.append((objective, seed, wall))
-            print(f"{objective} seed {seed}: {wall:.0f} s  " + json.dumps(
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; valid: {sorted(VARIANTS)}")
+    variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
+
+    def one_seed(seed: int) -> list[dict]:
+        out, first = [], None
+        for variant in variants:
+            work = Path(args.root) / f"{variant}_seed{seed}"
+            if first is not None and not (work / "phases" / "sft" / "done.json").is_file():
+                for part in ("assets", "phases/sft", "phases/eval0"):
+                    shutil.copytree(first / part, work / part, dirs_exist_ok=True)
+            table, wall = run_demo(work, seed, variant, args.overrides)
+            first = first or work
+            out.append({"variant": variant, "seed": seed, "seconds": wall, "rounds": table})
+            print(f"{variant} seed {seed}: {wall:.0f} s  " + json.dumps(
                 {r["round"]: round(r.get("gold", float("nan")), 3) for r in table}), flush=True)
+        return out
 
-    def cell(values):
-        v = np.asarray([x for x in values if x is not None], float)
-        if not len(v):
-            return "–"
-        return f"{v.mean():.3f} ({v.min():.3f}..{v.max():.3f})" if len(v) > 1 else f"{v[0]:.3f}"
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        runs = [r for seed_runs in pool.map(one_seed, seeds) for r in seed_runs]
+    results: dict[str, list[list[dict]]] = {}
+    for r in sorted(runs, key=lambda r: (variants.index(r["variant"]), r["seed"])):
+        results.setdefault(r["variant"], []).append(r["rounds"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
 
-    print("\n| objective | round | gold | RM held-out acc | RM win rate vs SFT |")
-    print("|---|---|---|---|---|")
-    for objective, tables in results.items():
+    print("\n| variant | round | " + " | ".join(name for _, name in COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
+    for variant, tables in results.items():
         for i, row in enumerate(tables[0]):
             vals = [t[i] for t in tables]
-            print(f"| {objective} | {row['round']} | {cell([v.get('gold') for v in vals])} | "
-                  f"{cell([v.get('rm_heldout_accuracy') for v in vals])} | "
-                  f"{cell([v.get('rm_win_rate_vs_sft') for v in vals])} |")
-    print("\n| objective | seed | wall-clock s |\n|---|---|---|")
-    for objective, seed, wall in walls:
-        print(f"| {objective} | {seed} | {wall:.0f} |")
+            print(f"| {variant} | {row['round']} | " + " | ".join(cell([v.get(k) for v in vals]) for k, _ in COLUMNS)
+                  + " |")
+    print("\n| variant | seed | wall-clock s |\n|---|---|---|")
+    for r in sorted(runs, key=lambda r: (variants.index(r["variant"]), r["seed"])):
+        print(f"| {r['variant']} | {r['seed']} | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

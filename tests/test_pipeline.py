@@ -308,6 +308,17 @@ def test_interrupted_demo_resumes_to_identical_results(tmp_path_factory):
     policy = _done(a)["r1_policy"]["metrics"]
     assert policy["eval_rewards/accuracies"] == pytest.approx(tb[("eval/rewards/accuracies", 3)])
     assert 0.0 <= policy["eval_rewards/accuracies"] <= 1.0
+    # the RM on held-out (demonstration, own answer) pairs: the SFT model's greedy eval answers that differ from the
+    # demonstration, recounted here from eval0's file with the demo's character tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a / "assets" / "tokenizer")
+    sft_eval = json.loads((a / "phases" / "eval0" / "eval.json").read_text())
+    differ = sum(tok.encode(d, add_special_tokens=False) != ids
+                 for d, ids in zip(sft_eval["demonstrations"], sft_eval["answer_ids"]))
+    r1 = _done(a)["r1_eval"]["metrics"]
+    assert r1["rm_demo_vs_sample_pairs"] == differ > 0
+    assert (r1["rm_demo_vs_sample_accuracy"] * differ) == pytest.approx(round(r1["rm_demo_vs_sample_accuracy"] * differ))
     reward_tb = read_tensorboard(a / "phases" / "r1_reward" / "tb")
     assert {("eval/rewards/accuracies", 8), ("train/accuracy", 8), ("train/margin", 8)} <= set(reward_tb)
     assert ("eval/loss", 12) in read_tensorboard(a / "phases" / "sft" / "tb")

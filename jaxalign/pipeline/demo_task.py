@@ -193,8 +193,8 @@ def _pref_row(prompt: str, i: int, rng: random.Random, alphabet: str) -> dict:
     }
 
 
-def generate_prompts(n: int, rng: random.Random, **kw) -> list[str]:
-    """``n`` distinct prompts, the kinds in turn (equal shares)."""
+def generate_prompts(n: int, rng: random.Random, kinds: Sequence[str] = KINDS, **kw) -> list[str]:
+    """``n`` distinct prompts, the ``kinds`` in turn (equal shares)."""
     seen: set[str] = set()
     out: list[str] = []
     tries = 0
@@ -202,7 +202,7 @@ def generate_prompts(n: int, rng: random.Random, **kw) -> list[str]:
         tries += 1
         if tries > 100 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct prompts with {kw}")
-        p = make_prompt(rng, KINDS[len(out) % len(KINDS)], **kw)
+        p = make_prompt(rng, kinds[len(out) % len(kinds)], **kw)
         if p not in seen:
             seen.add(p)
             out.append(p)
@@ -297,6 +297,7 @@ def build_demo_assets(
     max_letters: int = 6,
     alphabet_size: int = 10,
     max_addend: int = 99,
+    kinds: str = ",".join(KINDS),
     hidden_size: int = 128,
     intermediate_size: int = 384,
     num_layers: int = 2,
@@ -315,7 +316,7 @@ def build_demo_assets(
     args = dict(
         version=FORMAT_VERSION, task=TASK_NAME, seed=seed, n_train=n_train, n_test=n_test, n_heldout=n_heldout,
         min_letters=min_letters, max_letters=max_letters, alphabet_size=alphabet_size,
-        max_addend=max_addend, hidden_size=hidden_size,
+        max_addend=max_addend, kinds=kinds, hidden_size=hidden_size,
         intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
     )
@@ -329,6 +330,9 @@ def build_demo_assets(
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"hidden_size {hidden_size} must divide by num_heads {num_heads}, and num_heads by "
                          f"num_kv_heads {num_kv_heads}")
+    kind_list = tuple(k.strip() for k in kinds.split(","))
+    if not kind_list or any(k not in KINDS for k in kind_list):
+        raise ValueError(f"kinds must be a comma-separated subset of {KINDS}; got {kinds!r}")
     assets = _assets(root, args)
     record = root / ARGS_FILE
     if not force and record.is_file() and _complete(assets):
@@ -345,7 +349,7 @@ def build_demo_assets(
     root.mkdir(parents=True, exist_ok=True)
 
     rng = random.Random(seed)
-    prompts = generate_prompts(n_train + n_test, rng, min_letters=min_letters, max_letters=max_letters,
+    prompts = generate_prompts(n_train + n_test, rng, kind_list, min_letters=min_letters, max_letters=max_letters,
                                alphabet=LETTERS[:alphabet_size], max_addend=max_addend)
     rng.shuffle(prompts)
     train, test = prompts[:n_train], prompts[n_train:]

@@ -2,6 +2,10 @@
 
 - gold: the task's exact scorer on each answer (where the data defines one; the demo task does);
 - rm_heldout_accuracy: the round's reward model on held-out preference pairs, fraction with r(chosen) > r(rejected);
+- rm_demo_vs_sample_accuracy: the round's reward model on held-out (demonstration, own answer) pairs — the eval
+  prompts' demonstrations against the greedy answers of the policy that round sampled from (the previous eval's),
+  where the two differ: the pairs the IRL reward is trained to tell apart, on prompts it never saw
+  (``rm_demo_vs_sample_pairs`` counts them);
 - rm_win_rate_vs_sft: the round's reward model scores the policy's answer against the SFT model's answer to the
   same prompt; a win counts 1, a tie 0.5;
 - with ``eval.best_of_n = N``: the policy also answers with the best of N samples (``sample.temperature``) ranked by
@@ -33,6 +37,28 @@ def _prompt_text(record) -> str:
 
 def _win_rate(mine: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean((mine > ref) + 0.5 * (mine == ref)))
+
+
+def _demo_vs_sample(ctx: RunContext, records, rm, k: int) -> dict[str, float]:
+    previous = ctx.workdir.eval_file("eval0" if k <= 1 else f"r{k - 1}/eval")
+    if not previous.is_file():
+        return {}
+    own = json.loads(previous.read_text())
+    answer_of = dict(zip(own["prompts"], own["answer_ids"]))
+    demos, samples = [], []
+    for r in records:
+        enc = ctx.encoder.encode(r, "sft")
+        answer = answer_of.get(_prompt_text(r))
+        if isinstance(enc, Skip) or answer is None:
+            continue
+        sample = ctx.encoder.encode_sampled(enc.prompt_ids, answer)
+        if list(sample.ids) != list(enc.chosen.ids):
+            demos.append(enc.chosen.ids)
+            samples.append(sample.ids)
+    if not demos:
+        return {"rm_demo_vs_sample_pairs": 0.0}
+    accuracy = float(np.mean(score_sequences(ctx, rm, demos) > score_sequences(ctx, rm, samples)))
+    return {"rm_demo_vs_sample_accuracy": accuracy, "rm_demo_vs_sample_pairs": float(len(demos))}
 
 
 def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
@@ -75,6 +101,7 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
 
         sft_eval = ctx.workdir.eval_file("eval0")
         sft_answers = json.loads(sft_eval.read_text())["answer_ids"] if sft_eval.is_file() else None
+        metrics.update(_demo_vs_sample(ctx, records, rm, k))
         ref = score(sft_answers) if sft_answers is not None else None
         if ref is not None:
             metrics["rm_win_rate_vs_sft"] = _win_rate(score(answers_ids), ref)

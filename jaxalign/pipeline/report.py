@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PHASE_KEYS = ("steps", "loss", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies", "tokens_per_second",
               "gold")
-ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold", "bon_rm_win_rate_vs_sft",
+ROUND_KEYS = ("gold", "rm_heldout_accuracy", "rm_demo_vs_sample_accuracy", "rm_win_rate_vs_sft", "bon_gold", "bon_rm_win_rate_vs_sft",
               "answer_length")
 
 
@@ -160,7 +160,8 @@ def summary(ctx: RunContext) -> str:
 def write_report(ctx: RunContext) -> epath.Path:
     table = round_table(ctx)
     plots = _plots(ctx, table)
-    keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_win_rate_vs_sft", "bon_gold",
+    keys = ["round"] + [k for k in ("gold", "rm_heldout_accuracy", "rm_demo_vs_sample_accuracy",
+                                    "rm_win_rate_vs_sft", "bon_gold",
                                     "bon_rm_win_rate_vs_sft", "rm_train_accuracy",
                                     "policy_loss", "policy_reward_accuracy", "policy_scores", "policy_kl", "sft_loss", "answer_length",
                                     "sample_tokens_per_second", "policy_tokens_per_second", "seconds")
