@@ -278,8 +278,7 @@ def shared_prefix_table(num_prompts, new_tokens, reps, shared: Path, temperature
         "transformers": kv_cache_bytes(cfg, rows, prompt_len + new_tokens, "float32"),
     }
     same = sum(a == b for a, b in zip(results["shared"].tokens, results["unshared"].tokens)) / rows
-    print(f"
-Shared-prefix decoding, SmolLM2-135M-Instruct (real weights, float32): {num_prompts} OASST prompts of "
+    print(f"\nShared-prefix decoding, SmolLM2-135M-Instruct (real weights, float32): {num_prompts} OASST prompts of "
           f"{prompt_len} tokens x {n} samples = {rows} rows, {new_tokens} new tokens, temperature {temperature:g}, no "
           f"EOS stop — {jax.devices()[0].platform.upper()} ({os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}), best of {reps} interleaved rounds. Shared and unshared jaxalign tokens "

@@ -31,6 +31,9 @@ from jaxalign.models.decoder import KVCache, forward
 from jaxalign.sharding import constrain
 
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+# big matrices are cast to the compute dtype once per call (the decoder casts them at every use anyway, so the
+# numbers are identical); norms and biases keep their dtype
+CAST_ONCE = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 class SharedKV(NamedTuple):
@@ -40,9 +43,6 @@ class SharedKV(NamedTuple):
 
     prefix: KVCache
     suffix: KVCache
-# big matrices are cast to the compute dtype once per call (the decoder casts them at every use anyway, so the
-# numbers are identical); norms and biases keep their dtype
-CAST_ONCE = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 @dataclasses.dataclass(frozen=True)
