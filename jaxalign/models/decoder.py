@@ -293,7 +293,7 @@ def forward(
     if cache is None:
         x, _ = jax.lax.scan(body, x, (layer_params, windows, layer_keys), unroll=unroll)
     else:
-        # the prefix is read-only: scanned over as an input, one layer's slice per step
+        # the prefix is only read, so unlike the cache it can be a scanned input: nothing is written back per step
         pkv = None if prefix is None else (prefix.k, prefix.v)
         (x, ck, cv), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
                                       (layer_params, windows, jnp.arange(cfg.num_layers), layer_keys, pkv),
