@@ -262,6 +262,7 @@ def shared_prefix_table(num_prompts, new_tokens, reps, shared: Path, temperature
         results[name] = generate(model, prompts, shared_prefix=flag, **kw)
         assert results[name].stats.num_batches == 1
         compile_s[name] = results[name].stats.compile_s
+        print(f"  jaxalign {name}: compiled in {compile_s[name]:.0f} s", file=sys.stderr, flush=True)
 
         def run(flag=flag):
             r = generate(model, prompts, shared_prefix=flag, **kw)
@@ -270,7 +271,8 @@ def shared_prefix_table(num_prompts, new_tokens, reps, shared: Path, temperature
         fns[f"jaxalign {name}"] = run
     fns["transformers"] = lambda: _hf_sample(hf, prompts, new_tokens, temperature, n)
     best = interleaved_times(fns, reps)
-    p_bucket, new_bucket = results["shared"].stats.buckets[0][0], results["shared"].stats.buckets[0][1] - p_bucket
+    p_bucket, cache_len = results["shared"].stats.buckets[0]
+    new_bucket = cache_len - p_bucket
     cache = {  # what each one holds at the end of the run
         "jaxalign shared": kv_cache_bytes(cfg, num_prompts, p_bucket) + kv_cache_bytes(cfg, rows, new_bucket),
         "jaxalign unshared": kv_cache_bytes(cfg, rows, p_bucket + new_bucket),
