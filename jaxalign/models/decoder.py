@@ -115,7 +115,7 @@ class KVCache(NamedTuple):
 # ---- building blocks ---------------------------------------------------------------------------------------------
 
 def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, seg, cache_kv, cache_index,
-           lora: LoraApply | None = None, lora_key=None):
+           lora: LoraApply | None = None, lora_key=None, prefix=None):
     dt = jnp.dtype(cfg.dtype)
     c = lambda name: p[name].astype(dt)  # noqa: E731 - fp32 master weights, compute in cfg.dtype
 
@@ -150,9 +150,17 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, window, positions, q_idx, kv_idx, k
         new_cache = (ck, cv)
         k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     mask = ops.attention_mask(q_idx, kv_idx, kv_valid, window, seg, seg)
-    # skip the masked upper triangle where that pays (XLA:CPU; docs/performance.md); with a cache, keys are cache slots
-    block = ops.causal_block(q.shape[1]) if cache_kv is None and ops.platform() == "cpu" else None
-    attn = ops.attention(q, k, v, mask, dt, causal_block=block)
+    if prefix is not None:
+        # this layer's shared prompt keys / values [G, P, K, D] and the prompt mask [G, P]; prompt slot j is slot j
+        # of the unshared layout, so the causal and window masks read the same slot indices as there
+        pk, pv, p_valid = prefix
+        p_mask = ops.attention_mask(q_idx, jnp.arange(pk.shape[1]), p_valid, window)
+        attn = ops.cascade_attention(q, pk.astype(dt), pv.astype(dt), p_mask, k, v, mask, dt)
+    else:
+        # skip the masked upper triangle where that pays (XLA:CPU; docs/performance.md); with a cache, keys are
+        # cache slots
+        block = ops.causal_block(q.shape[1]) if cache_kv is None and ops.platform() == "cpu" else None
+        attn = ops.attention(q, k, v, mask, dt, causal_block=block)
     attn = _proj_w("btnd,ndh->bth", attn, "wo")
     if cfg.o_bias:
         attn = attn + c("bo")
@@ -201,6 +209,8 @@ def forward(
     cache: KVCache | None = None,
     cache_index: jax.Array | int | None = None,
     kv_mask: jax.Array | None = None,
+    prefix: KVCache | None = None,
+    prefix_mask: jax.Array | None = None,
     return_hidden: bool = False,
     lora: tuple[dict[str, jax.Array], Any] | None = None,
     dropout_rng: jax.Array | None = None,
@@ -212,6 +222,11 @@ def forward(
     - ``segment_ids [B, T]``: packed documents attend only within their segment (pass ``positions`` restarting per doc).
     - ``cache``: decoding. The new tokens are written at slots ``cache_index .. cache_index + T - 1`` of the cache and
       attend to every earlier slot whose ``kv_mask [B, S]`` entry is true. Returns ``(logits, new_cache)``.
+    - ``prefix`` (with ``cache``): shared-prefix decoding. ``prefix`` holds the keys / values of ``G`` prompts
+      ``[layers, G, P, kv_heads, head_dim]`` (``prefix_mask [G, P]`` true on their tokens), shared by the ``B / G``
+      consecutive rows of each group; ``cache`` then holds only each row's own tokens, its slot ``i`` standing for
+      slot ``P + i`` of the unshared layout (so ``cache_index`` counts from the end of the prompt, and ``kv_mask``
+      defaults to all slots). Attention is :func:`jaxalign.models.ops.cascade_attention`.
     - ``lora=(adapters, lora_cfg)``: LoRA adapters (``jaxalign.models.lora.init_adapters``) added to their base
       projections as ``W x + (alpha / r) B (A x)`` inside the layer loop; ``lora_cfg`` needs ``.scale`` and
       ``.dropout``. ``dropout_rng`` turns on dropout of the adapter inputs (training); without it there is none.
@@ -229,9 +244,10 @@ def forward(
         kv_valid = attention_mask
         cache_index = 0
     else:
-        q_idx = cache_index + jnp.arange(t)
-        kv_idx = jnp.arange(cache.k.shape[2])
-        kv_valid = kv_mask.astype(jnp.bool_)
+        start = 0 if prefix is None else prefix.k.shape[2]
+        q_idx = start + cache_index + jnp.arange(t)
+        kv_idx = start + jnp.arange(cache.k.shape[2])
+        kv_valid = jnp.ones((b, cache.k.shape[2]), jnp.bool_) if kv_mask is None else kv_mask.astype(jnp.bool_)
     inv_freq = jnp.asarray(cfg.inv_freq(), jnp.float32)
     big = np.iinfo(np.int32).max
     windows = jnp.asarray([w if w else big for w in (cfg.sliding_windows or (None,) * cfg.num_layers)], jnp.int32)
@@ -260,9 +276,10 @@ def forward(
         # the cache rides in the carry and is updated in place per layer: as scanned inputs/outputs it would be
         # copied into a second buffer at every decode step (twice the cache memory, a full cache copy per token)
         x, ck, cv = carry
-        p, window, layer, key = xs
+        p, window, layer, key, pkv = xs
+        shared = None if pkv is None else (*pkv, prefix_mask.astype(jnp.bool_))
         x, (ck, cv) = _layer(cfg, inv_freq, x, p, window, positions, q_idx, kv_idx, kv_valid, segment_ids,
-                             (ck, cv, layer), cache_index, lora_apply, key)
+                             (ck, cv, layer), cache_index, lora_apply, key, shared)
         return (x, ck, cv), None
 
     if cfg.remat != "none":
@@ -276,8 +293,10 @@ def forward(
     if cache is None:
         x, _ = jax.lax.scan(body, x, (layer_params, windows, layer_keys), unroll=unroll)
     else:
+        # the prefix is only read, so unlike the cache it can be a scanned input: nothing is written back per step
+        pkv = None if prefix is None else (prefix.k, prefix.v)
         (x, ck, cv), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
-                                      (layer_params, windows, jnp.arange(cfg.num_layers), layer_keys),
+                                      (layer_params, windows, jnp.arange(cfg.num_layers), layer_keys, pkv),
                                       unroll=unroll)
         new_kv = (ck, cv)
 

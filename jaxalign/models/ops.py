@@ -78,6 +78,49 @@ def attention(q, k, v, mask, dtype, causal_block: int | None = None):
     return out.reshape(b, t, n, d)
 
 
+def cascade_attention(q, prefix_k, prefix_v, prefix_mask, k, v, mask, dtype):
+    """Attention of ``B * G`` query rows over a prefix shared by each group of ``G`` rows plus each row's own keys.
+
+    q [B*G, T, N, D] (row ``b * G + j`` is member ``j`` of group ``b``); prefix_k/v [B, P, K, D] and prefix_mask
+    [B, T, P], one per group; k/v [B*G, S, K, D] and mask [B*G, T, S], one per row. Equal to :func:`attention` over
+    the concatenated keys ``[prefix_k[b], k[r]]``, computed as two partial softmaxes merged exactly (the cascade /
+    Hydragen decomposition, Juravsky et al. 2024): with ``m_i`` the partial max score, ``l_i = sum exp(s - m_i)`` and
+    ``o_i`` the partial (normalised) output,
+
+        m = max(m1, m2);  out = (e^{m1-m} l1 o1 + e^{m2-m} l2 o2) / (e^{m1-m} l1 + e^{m2-m} l2).
+
+    Why: the prefix keys are read once per group and all ``G * T * N / K`` queries of a group meet them in one
+    batched matmul per (group, KV head), instead of once per row from ``G`` copies of the prompt's cache. A part
+    with every key masked (a sliding window past the whole prompt) has ``m_i = MASK_VALUE`` and weighs
+    ``e^{MASK_VALUE - m} = 0``, as its keys do in the plain softmax; the row's own part always holds the query's slot.
+    """
+    r, t, n, d = q.shape
+    b, _, kh, _ = prefix_k.shape
+    g, h = r // b, n // kh
+    root_d = np.sqrt(d).astype(np.float32)  # divided, not multiplied, as in attention(): the same rounding
+
+    def partial(scores, vals, spec):
+        m = jnp.max(scores, axis=-1, keepdims=True)
+        p = jnp.exp(scores - m)
+        l = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum(spec, (p / l).astype(dtype), vals, preferred_element_type=jnp.float32)
+        return m, l, o
+
+    # shared part, grouped: [B, G, T, K, h, .] so (group, KV head) are the matmul's batch dims
+    qg = q.reshape(b, g, t, kh, h, d)
+    s1 = jnp.einsum("bjtkhd,bskd->bjtkhs", qg, prefix_k, preferred_element_type=jnp.float32) / root_d
+    s1 = jnp.where(prefix_mask[:, None, :, None, None, :], s1, MASK_VALUE)
+    m1, l1, o1 = (x.reshape(r, t, kh, h, -1) for x in partial(s1, prefix_v, "bjtkhs,bskd->bjtkhd"))
+    # per-row part
+    s2 = jnp.einsum("btkhd,bskd->btkhs", q.reshape(r, t, kh, h, d), k, preferred_element_type=jnp.float32) / root_d
+    s2 = jnp.where(mask[:, :, None, None, :], s2, MASK_VALUE)
+    m2, l2, o2 = partial(s2, v, "btkhs,bskd->btkhd")
+    m = jnp.maximum(m1, m2)
+    w1, w2 = jnp.exp(m1 - m) * l1, jnp.exp(m2 - m) * l2
+    out = (w1 * o1 + w2 * o2) / (w1 + w2)
+    return out.astype(dtype).reshape(r, t, n, d)
+
+
 def causal_block(t: int) -> int:
     """Query rows per causal block: at least 64 (smaller matmuls lose more than the skipped work saves on CPU), at
     most 8 blocks (each is its own group of matmuls in the program)."""

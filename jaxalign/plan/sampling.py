@@ -25,7 +25,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
 
     from jaxalign import sharding
     from jaxalign.flops import flops_per_token
-    from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill
+    from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
     from jaxalign.sampling.memory import plan_batch_size
     from jaxalign.sampling.sampler import bucket_length, stop_id_buffer
 
@@ -58,9 +58,11 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     pargs = (params, sds((B, P), jnp.int32, bs(2)), sds((B, P), jnp.int32, bs(2)), sds((B,), jnp.int32, bs(1)),
              sds((B,), jnp.bool_, bs(1)), sds((), jnp.uint32, rep), sds((), jnp.float32, rep),
              sds((), jnp.float32, rep))
-    kv_shape = (mcfg.num_layers, B * n, cache_len, mcfg.num_kv_heads, mcfg.head_dim)
-    kv_sh = sharding.named_sharding(CACHE_AXES, kv_shape, mesh)
-    kv = 2 * tree_bytes([sds(kv_shape, cdt, kv_sh)])
+    # the sampler's default layout: prefix [B, P] + suffix [B n, new] slots when n > 1, else [B n, P + new]
+    shared = uses_shared_prefix(n, None)
+    kv_rows_slots = [(B, P), (B * n, out_len)] if shared else [(B * n, cache_len)]
+    kv_shapes = [(mcfg.num_layers, r, s, mcfg.num_kv_heads, mcfg.head_dim) for r, s in kv_rows_slots]
+    kv = sum(2 * tree_bytes([sds(x, cdt, sharding.named_sharding(CACHE_AXES, x, mesh))]) for x in kv_shapes)
     label = "sample" if phase == "sample" else "eval sampling"
     detail = f"{B} prompts x {n} samples ({how}), prompt {P} + {out_len} new, temperature {temperature:g}"
     rows = []
@@ -79,7 +81,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
 
     compiled = compile_and_measure(pre, sl, mcfg, lambda: jit_in_mesh(prefill_fn), pargs, tokens=B * P, seq_len=P,
                                    backward=False, kv=kv)
-    pre.model_flops = prefill_flops(mcfg, B, P, cache_len) / len(sl.devices)
+    pre.model_flops = prefill_flops(mcfg, B, P, P if shared else cache_len) / len(sl.devices)
     rows.append(pre)
     dec = PhaseRow(f"{label}: decode", f"{B * n} rows, one token per step, cache {cache_len}", hbm=sl.chip.hbm)
     dec.params, dec.outside = pre.params, outside

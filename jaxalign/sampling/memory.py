@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxalign.models.config import ModelConfig
+from jaxalign.sampling.kernels import uses_shared_prefix
 from jaxalign.sharding import batch_shards
 
 GiB = 2**30
@@ -37,39 +38,56 @@ def kv_head_shards(cfg: ModelConfig, mesh) -> int:
 
 
 def sampling_bytes_per_device(cfg: ModelConfig, *, prompts_per_batch: int, num_samples: int, prompt_len: int,
-                              cache_len: int, mesh=None, cache_dtype: Any = None) -> dict[str, int]:
+                              cache_len: int, mesh=None, cache_dtype: Any = None,
+                              shared_prefix: bool | None = None) -> dict[str, int]:
     """Planned peak bytes per device for one batch of the sampler (parameters excluded), by part.
 
-    With ``B`` prompts per batch, ``N`` samples, ``R = B * N`` rows, prompt bucket ``P``, cache length ``S``, ``L``
-    layers, split over ``b`` batch shards and ``t`` KV-head shards (``t`` = the tensor axis if it divides the KV heads,
-    else 1), and ``KV(rows) = kv_cache_bytes(cfg, rows, S) / (b * t)``:
+    With ``B`` prompts per batch, ``N`` samples, ``R = B * N`` rows, prompt bucket ``P``, cache length ``S`` (prompt
+    bucket + new-token bucket), ``L`` layers, split over ``b`` batch shards and ``t`` KV-head shards (``t`` = the
+    tensor axis if it divides the KV heads, else 1), and ``KV(rows, slots) = kv_cache_bytes(cfg, rows, slots) /
+    (b * t)``. The cache the decode loop carries is, per layout (``shared_prefix``, default shared when ``N > 1``):
 
-    - prefill  = ``KV(R)`` (the cache it returns) + ``KV(B)`` when ``N > 1`` (the prefilled cache, alive next to its
-      ``N``-fold copy) + ``4 KV(B) / L`` (one-layer slices the layer scan copies) + 1.25 x (B / b) x
-      [P (4 H + 3 F) c + heads P S 4 x 1.5 / t]: hidden and MLP activations (``c`` = itemsize of the compute dtype)
+    - shared:   ``KV = KV(B, P) + KV(R, S - P)`` — each prompt's K/V once, each row's new tokens;
+    - unshared: ``KV = KV(R, S)`` — every row holds a copy of its prompt's K/V.
+
+    The peaks:
+
+    - prefill  = ``KV`` (the cache it returns) + ``KV(B, S)`` when unshared and ``N > 1`` (the prefilled cache,
+      alive next to its ``N``-fold copy) + ``4 KV(B, S') / L`` (one-layer slices the layer scan copies; ``S'`` = the
+      slots the prompts are written into: ``P`` shared, ``S`` unshared) + 1.25 x (B / b) x
+      [P (4 H + 3 F) c + heads P S' 4 x 1.5 / t]: hidden and MLP activations (``c`` = itemsize of the compute dtype)
       and one layer's float32 attention scores (plus part of the probabilities, which XLA mostly fuses); plus the
       sampling transients below (the first token is sampled in the prefill);
-    - decode   = ``(1 + 1.5 / L) KV(R)``: the cache carried by the loop and by the decoder's layer scan (donated,
+    - decode   = ``(1 + 1.5 / L) KV``: the cache carried by the loop and by the decoder's layer scan (donated,
       updated in place: only the new tokens are written), and the one-layer slices attention reads; plus the sampling
       transients ``(R / b) V 32`` bytes (float32 logits, log-softmax, scaled or sorted logits and their ids,
       probabilities, cumulative sums, random bits and Gumbel noise);
     - total    = max(prefill, decode).
 
-    Checked against XLA's ``memory_analysis()`` of the compiled functions on CPU (tests/test_sampling.py): the plan is
-    an upper bound of each, and the total within 1.5x of XLA's peak (the decode term dominates for real models).
+    Checked against XLA's ``memory_analysis()`` of the compiled functions on CPU for both layouts
+    (tests/test_sampling.py): the plan is an upper bound of each, and the total within 1.5x of XLA's peak (the decode
+    term dominates for real models).
     """
     b = batch_shards(mesh)
     t = kv_head_shards(cfg, mesh)
     rows = prompts_per_batch * num_samples
+    shared = uses_shared_prefix(num_samples, shared_prefix)
     c = np.dtype(jax.numpy.dtype(cfg.dtype)).itemsize
-    kv = kv_cache_bytes(cfg, rows, cache_len, cache_dtype) // (b * t)
-    pre_cache = kv_cache_bytes(cfg, prompts_per_batch, cache_len, cache_dtype) // (b * t) if num_samples > 1 else 0
+
+    def kv_bytes(n_rows: int, slots: int) -> int:
+        return kv_cache_bytes(cfg, n_rows, slots, cache_dtype) // (b * t)
+
+    if shared:
+        kv = kv_bytes(prompts_per_batch, prompt_len) + kv_bytes(rows, cache_len - prompt_len)
+        written, pre_cache = prompt_len, 0
+    else:
+        kv, written = kv_bytes(rows, cache_len), cache_len
+        pre_cache = kv_bytes(prompts_per_batch, cache_len) if num_samples > 1 else 0
     per_prompt = prompt_len * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * c
-    per_prompt += cfg.num_heads * prompt_len * cache_len * 4 * 3 // (2 * t)
+    per_prompt += cfg.num_heads * prompt_len * written * 4 * 3 // (2 * t)
     pre_act = int(1.25 * math.ceil(prompts_per_batch / b) * per_prompt)
     transients = math.ceil(rows / b) * cfg.vocab_size * 32
-    prefill = kv + pre_cache + int(4 / cfg.num_layers * kv_cache_bytes(cfg, prompts_per_batch, cache_len, cache_dtype)
-                                   // (b * t)) + pre_act + transients
+    prefill = kv + pre_cache + int(4 / cfg.num_layers * kv_bytes(prompts_per_batch, written)) + pre_act + transients
     decode = int((1 + 1.5 / cfg.num_layers) * kv) + transients
     return {"kv_cache": kv, "prefill": prefill, "decode": decode, "total": max(prefill, decode)}
 
@@ -100,22 +118,26 @@ def default_budget_bytes(params: Any = None) -> int:
 
 
 def plan_batch_size(cfg: ModelConfig, *, num_prompts: int, prompt_len: int, cache_len: int, num_samples: int = 1,
-                    budget_bytes: int, mesh=None, cache_dtype: Any = None, max_rows: int = 256) -> int:
+                    budget_bytes: int, mesh=None, cache_dtype: Any = None, max_rows: int = 256,
+                    shared_prefix: bool | None = None) -> int:
     """Prompts per batch: the largest multiple of the batch shards whose :func:`sampling_bytes_per_device` total fits
     ``budget_bytes``, at most ``max_rows`` rows (prompts x samples, rounded up to the batch shards; always at least one
     prompt per batch shard, even when ``num_samples > max_rows``) and no more than needed for ``num_prompts``. Raises
-    ``ValueError`` (before any compilation) when even the smallest batch does not fit.
+    ``ValueError`` (before any compilation) when even the smallest batch does not fit. ``shared_prefix``: the cache
+    layout (default shared when ``num_samples > 1``, as the sampler's).
     """
     b = batch_shards(mesh)
 
     def fits(n: int) -> bool:
         need = sampling_bytes_per_device(cfg, prompts_per_batch=n, num_samples=num_samples, prompt_len=prompt_len,
-                                         cache_len=cache_len, mesh=mesh, cache_dtype=cache_dtype)["total"]
+                                         cache_len=cache_len, mesh=mesh, cache_dtype=cache_dtype,
+                                         shared_prefix=shared_prefix)["total"]
         return need <= budget_bytes
 
     if not fits(b):
         need = sampling_bytes_per_device(cfg, prompts_per_batch=b, num_samples=num_samples, prompt_len=prompt_len,
-                                         cache_len=cache_len, mesh=mesh, cache_dtype=cache_dtype)
+                                         cache_len=cache_len, mesh=mesh, cache_dtype=cache_dtype,
+                                         shared_prefix=shared_prefix)
         raise ValueError(
             f"sampling: one batch of {b} prompt(s) x {num_samples} sample(s) with a {cache_len}-slot KV cache (prompt "
             f"bucket {prompt_len} + new tokens) needs {need['total'] / GiB:.2f} GiB per device "

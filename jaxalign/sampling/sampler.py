@@ -11,8 +11,9 @@ How a call runs:
    bound. A round of many batches therefore compiles once per bucket, and compiled functions are cached across calls,
    keyed by (config, shapes, static sampling settings, parameter shardings, mesh).
 3. Run :func:`jaxalign.sampling.kernels.prefill` then :func:`jaxalign.sampling.kernels.decode` on each batch (the
-   prompt is processed once for its ``num_samples`` rows; no host sync inside the decode loop) and fetch the tokens
-   before the next batch is dispatched.
+   prompt is processed once for its ``num_samples`` rows, and by default its KV cache is stored once for them too —
+   the shared-prefix layout; no host sync inside the decode loop) and fetch the tokens before the next batch is
+   dispatched.
 
 Sharding: with a mesh the prompt/sample rows are split over the ``data`` x ``fsdp`` axes and the KV heads over the
 ``tensor`` axis (the cache is laid out as ``kernels.CACHE_AXES``); parameters keep the shardings the training engine
@@ -33,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import LOGICAL_AXES
-from jaxalign.sampling.kernels import CAST_ONCE, DecodeMode, decode, prefill
+from jaxalign.sampling.kernels import CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
 from jaxalign.sampling.memory import default_budget_bytes, plan_batch_size
 from jaxalign.sampling.results import GenerationResult, SamplingStats
 from jaxalign.sharding import activate, batch_shards, global_array, named_sharding, to_host
@@ -191,7 +192,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
              stop_at_eos: bool = True, mesh: Mesh | None = None, batch_size: int | None = None,
              memory_budget_bytes: int | None = None, max_rows: int = 256, show_progress: bool = True,
              prompt_buckets: Sequence[int] | None = None, length_buckets: Sequence[int] | None = None,
-             cache_dtype: Any = None) -> GenerationResult:
+             cache_dtype: Any = None, shared_prefix: bool | None = None) -> GenerationResult:
     """Sample continuations of ragged ``prompts`` (lists of token ids) from a causal LM.
 
     ``model`` is a :class:`~jaxalign.models.Decoder`, a ``(params, cfg)`` pair, or a param dict with ``cfg=`` (so a
@@ -216,7 +217,10 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
     heads over tensor; ``batch_size`` prompts per batch (default: :func:`~jaxalign.sampling.memory.plan_batch_size`
     with ``memory_budget_bytes`` per device, default 90% of free device memory, and at most ``max_rows`` rows of
     prompts x samples); ``prompt_buckets`` / ``length_buckets`` the padded prompt / new-token lengths to compile for
-    (default powers of two from 16); ``cache_dtype`` the KV-cache dtype (default the config's compute dtype).
+    (default powers of two from 16); ``cache_dtype`` the KV-cache dtype (default the config's compute dtype);
+    ``shared_prefix`` the KV-cache layout (default: shared when ``num_samples > 1``; see
+    :mod:`jaxalign.sampling.kernels`): a prompt's K/V stored once for its samples, each sample keeping only its own
+    tokens' K/V — same tokens and log-probs (up to float rounding), a smaller cache and fewer bytes read per step.
     """
     params, cfg = _model_parts(model, cfg)
     return generate_from_params(
@@ -224,7 +228,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
         stop_ids=stop_ids, seed=seed, num_samples=num_samples, stop_at_eos=stop_at_eos, mesh=mesh,
         batch_size=batch_size, memory_budget_bytes=memory_budget_bytes, max_rows=max_rows,
         show_progress=show_progress, prompt_buckets=prompt_buckets, length_buckets=length_buckets,
-        cache_dtype=cache_dtype)
+        cache_dtype=cache_dtype, shared_prefix=shared_prefix)
 
 
 def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, max_new_tokens: int,
@@ -232,7 +236,8 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
                          seed: int = 0, num_samples: int = 1, stop_at_eos: bool = True, mesh: Mesh | None = None,
                          batch_size: int | None = None, memory_budget_bytes: int | None = None, max_rows: int = 256,
                          show_progress: bool = True, prompt_buckets: Sequence[int] | None = None,
-                         length_buckets: Sequence[int] | None = None, cache_dtype: Any = None) -> GenerationResult:
+                         length_buckets: Sequence[int] | None = None, cache_dtype: Any = None,
+                         shared_prefix: bool | None = None) -> GenerationResult:
     """:func:`generate` on a parameter dict and its config (same arguments and result)."""
     t_start = time.perf_counter()
     prompts, stops = _check(cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -251,6 +256,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     mode = DecodeMode.from_settings(temperature, top_p, top_k)
     pad_id = int(cfg.pad_token_id) if cfg.pad_token_id is not None else 0
     cache_dtype = jnp.dtype(cache_dtype or cfg.dtype)
+    shared = uses_shared_prefix(n, shared_prefix)
 
     out_len = bucket_length(max_new_tokens, length_buckets, what="length")
     max_prompt_bucket = bucket_length(max(len(p) for p in prompts), prompt_buckets, what="prompt")
@@ -259,7 +265,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
         budget = memory_budget_bytes if memory_budget_bytes is not None else default_budget_bytes(params)
         batch_size = plan_batch_size(cfg, num_prompts=n_prompts, prompt_len=max_prompt_bucket,
                                      cache_len=max_prompt_bucket + out_len, num_samples=n, budget_bytes=budget,
-                                     mesh=mesh, cache_dtype=cache_dtype, max_rows=max_rows)
+                                     mesh=mesh, cache_dtype=cache_dtype, max_rows=max_rows, shared_prefix=shared)
     else:
         batch_size = math.ceil(min(batch_size, n_prompts) / shards) * shards
 
@@ -268,7 +274,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     stats.prompts_per_batch, stats.rows_per_batch = batch_size, batch_size * n
     settings = dict(mode=mode, pad_id=pad_id, mesh=mesh)
     # spelled out as (name, value) pairs so that a cache key can be searched by setting
-    static_key = (*dataclasses.asdict(mode).items(), ("pad_id", pad_id), ("mesh", mesh))
+    static_key = (*dataclasses.asdict(mode).items(), ("pad_id", pad_id), ("mesh", mesh), ("shared_prefix", shared))
     scalars = [_put(np.asarray(v, dt), mesh) for v, dt in
                ((seed % 2**32, np.uint32), (max(float(temperature), 1e-6), np.float32), (top_p, np.float32))]
     seed_a, temp_a, top_p_a = scalars
@@ -319,7 +325,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
                     temp_a, top_p_a)
             key = ("prefill", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), *static_key)
             fn = lambda *a: prefill(*a, cfg=cfg, num_samples=n, cache_len=cache_len,  # noqa: E731
-                                    cache_dtype=cache_dtype, **settings)
+                                    cache_dtype=cache_dtype, shared_prefix=shared, **settings)
             run_prefill, dt = _compile(key, fn, args, mesh)
             stats.compile_s += dt
             stats.compiles += dt > 0
