@@ -258,7 +258,7 @@ def test_round_hours_are_the_formula_written_out():
         "reward": math.ceil(20000 / 64) * 5.0,
         "policy: RM scores the samples": 20000 * 8 * T * fwd_rm / 16 / (444e12 / 5.0),
         "policy": math.ceil(20000 / 64) * 6.8,
-        "eval: sampling: draws": 1 * (0.4 + 511 * 0.24),
+        "eval: sampling": 1 * (0.4 + 511 * 0.24),
         "eval: RM scoring": (2 * 64 + 2 * 1000) * T * fwd_rm / 16 / (444e12 / 5.0),
     }
     items = round_items(cfg, mcfg, rows, sl, 1)
@@ -292,3 +292,34 @@ def test_shared_prefix_bytes_store_the_prompt_once():
     assert got["kv_cache"] * 768 * 8 == kv_cache_bytes(mcfg, 32, 768) * (512 + 8 * 256)  # 2.4x smaller
     assert largest_batch(lambda b: b <= 37, 4, 1000) == 36
     assert largest_batch(lambda b: b <= 37, 4, 20) == 20 and largest_batch(lambda b: False, 4, 20) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu]" (the test extra installs it)')
+def test_planned_decode_batch_is_the_largest_that_fits(tmp_path):
+    """Without sample.batch_size the sample phase plans the largest batch the sampler's memory model admits in 90% of
+    HBM after the weights (no 256-row cap), compiles prefill and decode at that batch, and both compiled programs fit
+    the chip; one more batch shard of prompts would not fit the budget. The sampling table and the round total print."""
+    from jaxalign.config import load
+    from jaxalign.plan.report import FIT_MARGIN
+    from jaxalign.sampling import sampling_bytes_per_device
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "vocab_size": 32768, "hidden_size": 1024,
+                                                      "num_key_value_heads": 4}))
+    cfg = load("demo_cpu", ["run.demo_task=false", f"model.path={tmp_path}", "model.dtype=bfloat16", "mesh.data=1",
+                            "mesh.fsdp=4", "data.max_length=256", "data.max_prompt_length=512",
+                            "sample.max_new_tokens=512", "sample.batch_size=0", "sample.limit=100000",
+                            "policy.pairs=best_of_n", "policy.num_samples=4"])
+    printed = []
+    pre, dec = plan_lib.plan_recipe(cfg, "v5e:2x2", phases=["sample"], print_fn=printed.append)
+    i = pre.info
+    assert i["batch_source"].startswith("planned") and i["batch"] == i["largest_batch"] > 256 // 4
+    assert pre.exact and dec.exact and pre.total <= pre.hbm and dec.total <= dec.hbm
+    mcfg = plan_lib.model_config(cfg).replace(remat="none")
+    budget = FIT_MARGIN * pre.hbm - pre.outside - pre.params
+    size = dict(num_samples=4, prompt_len=512, cache_len=1024, mesh=plan_lib.make_mesh(cfg, plan_lib.get_slice(
+        "v5e:2x2")))
+    assert sampling_bytes_per_device(mcfg, prompts_per_batch=i["batch"], **size)["total"] <= budget
+    assert sampling_bytes_per_device(mcfg, prompts_per_batch=i["batch"] + 4, **size)["total"] > budget
+    assert i["shared_batch"] > i["batch"]  # the prompt's KV stored once leaves room for more prompts
+    assert "tokens/s (slice)" in printed[1] and "HBM roofline" in printed[1]

@@ -147,20 +147,20 @@ def round_items(cfg, mcfg, rows, sl, round_: int = 1) -> list[tuple[str, str, fl
     n_dev = len(sl.devices)
     T = cfg.data.max_length
     out: list[tuple[str, str, float]] = []
-    prompts = 0
-    for label in ("sample", "eval sampling"):
+
+    def sampling(label: str, item: str) -> int:
         pre, dec = by.get(f"{label}: prefill"), by.get(f"{label}: decode")
         est = sampling_estimate(pre, dec, sl, cfg) if pre is not None and dec is not None else None
         if est is None or est.seconds is None:
-            continue
-        if label == "sample":
-            prompts = est.prompts
-        how = (f"{math.ceil(est.prompts / est.batch)} batches of {est.batch} prompts x {est.samples} x (prefill + "
-               f"{est.max_new - 1} decode steps)")
-        out.append((label.replace("eval sampling", "eval: sampling") + ": draws", how, est.seconds))
+            return 0
+        out.append((item, f"{math.ceil(est.prompts / est.batch)} batch(es) of {est.batch} prompts x {est.samples} x "
+                          f"(prefill + {est.max_new - 1} decode steps)", est.seconds))
         if est.negatives_s:
             out.append(("sample: negatives", f"{est.prompts} prompts x 1, {est.rows} rows per batch",
                         est.negatives_s))
+        return est.prompts
+
+    prompts = sampling("sample", "sample: draws")
     reward, policy = by.get("reward"), by.get("policy")
     if reward is not None and reward.step_s and prompts:
         pairs = prompts * (round_ if cfg.reward.accumulate_pairs else 1)
@@ -176,7 +176,7 @@ def round_items(cfg, mcfg, rows, sl, round_: int = 1) -> list[tuple[str, str, fl
                         forward_seconds(policy, mcfg, 2 * prompts, T, n_dev, lm_head=True)))
         steps = math.ceil(prompts / cfg.policy.batch_size) * cfg.policy.epochs
         out.append(("policy", f"{prompts} pairs / {cfg.policy.batch_size} = {steps} steps", steps * policy.step_s))
-    if reward is not None and reward.step_s and any(o[0] == "eval: sampling: draws" for o in out):
+    if sampling("eval sampling", "eval: sampling") and reward is not None and reward.step_s:
         seqs = 2 * cfg.eval.num_prompts + 2 * (cfg.data.eval_prefs.limit if cfg.data.eval_prefs.source else 0)
         out.append(("eval: RM scoring", f"{seqs} sequences (answers, SFT answers, held-out pairs), forward",
                     forward_seconds(reward, mcfg, seqs, T, n_dev, lm_head=False)))
@@ -230,5 +230,5 @@ def format_rounds(cfg, mcfg, rows, sl) -> str:
         lines.append("| " + " | ".join([name, how] + [f"{p[j][2] / 3600:.2f}" if j < len(p) else "-"
                                                       for p in per]) + " |")
     total = sum(p[-1][2] for p in per)
-    return "\n".join(lines) + f"\n\n**{rounds} round(s): {total / 3600:.1f} h on {sl.name}** (an upper bound: " \
+    return "\n".join(lines) + f"\n\n**{rounds} round(s): {total / 3600:.1f} h on {sl.name}** (assumptions: " \
                               f"{ASSUMPTIONS})"
