@@ -307,7 +307,7 @@ def test_planned_decode_batch_is_the_largest_that_fits(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**TINY, "vocab_size": 32768, "hidden_size": 1024,
                                                       "num_key_value_heads": 4}))
     cfg = load("demo_cpu", ["run.demo_task=false", f"model.path={tmp_path}", "model.dtype=bfloat16", "mesh.data=1",
-                            "mesh.fsdp=4", "data.max_length=256", "data.max_prompt_length=512",
+                            "mesh.fsdp=4", "data.max_length=1024", "data.max_prompt_length=512",
                             "sample.max_new_tokens=512", "sample.batch_size=0", "sample.limit=100000",
                             "policy.pairs=best_of_n", "policy.num_samples=4"])
     printed = []
