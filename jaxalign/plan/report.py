@@ -84,7 +84,7 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
             row.advice.append("the weights alone fill the chip: raise mesh.fsdp / mesh.tensor")
         else:
             m = re.match(r"(\d+) prompts", row.detail)
-            b = int(m.group(1)) if m else 0
+            b = row.info.get("batch") or (int(m.group(1)) if m else 0)  # the decode row's detail counts rows
             shards = batch_shards(mesh)
             fit_b = max(shards, int(b * room / rest) // shards * shards) if b else 0
             row.advice.append(f"KV cache + activations take {_gib(rest)} GiB per chip: set sample.batch_size="

@@ -64,53 +64,69 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     else:
         B = largest or shards  # none fits: plan one prompt per shard (the row says it does not fit)
         how = "planned: largest that fits"
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    bs = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
-    pargs = (params, sds((B, P), jnp.int32, bs(2)), sds((B, P), jnp.int32, bs(2)), sds((B,), jnp.int32, bs(1)),
-             sds((B,), jnp.bool_, bs(1)), sds((), jnp.uint32, rep), sds((), jnp.float32, rep),
-             sds((), jnp.float32, rep))
-    kv_shape = (mcfg.num_layers, B * n, cache_len, mcfg.num_kv_heads, mcfg.head_dim)
-    kv_sh = sharding.named_sharding(CACHE_AXES, kv_shape, mesh)
-    kv = 2 * tree_bytes([sds(kv_shape, cdt, kv_sh)])
-    label = "sample" if phase == "sample" else "eval sampling"
-    detail = f"{B} prompts x {n} samples ({how}), prompt {P} + {out_len} new, temperature {temperature:g}"
-    rows = []
-    pre = PhaseRow(f"{label}: prefill", detail, hbm=sl.chip.hbm)
-    pre.info = dict(label=label, prompts=prompts, samples=n, batch=B, batch_source=how, largest_batch=largest,
-                    shared_batch=shared, max_new=max_new, prompt_len=P, cache_len=cache_len,
-                    bytes_read=decode_bytes_read(scfg, B * n, cache_len, mesh, cdt))
-    pre.params, pre.outside = compiled_bytes(params), outside
 
-    def prefill_fn(*a):
-        return prefill(*a, cfg=scfg, num_samples=n, cache_len=cache_len, cache_dtype=cdt, **settings)
+    def compile_at(B: int, how: str) -> list[PhaseRow]:
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        bs = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
+        pargs = (params, sds((B, P), jnp.int32, bs(2)), sds((B, P), jnp.int32, bs(2)), sds((B,), jnp.int32, bs(1)),
+                 sds((B,), jnp.bool_, bs(1)), sds((), jnp.uint32, rep), sds((), jnp.float32, rep),
+                 sds((), jnp.float32, rep))
+        kv_shape = (mcfg.num_layers, B * n, cache_len, mcfg.num_kv_heads, mcfg.head_dim)
+        kv_sh = sharding.named_sharding(CACHE_AXES, kv_shape, mesh)
+        kv = 2 * tree_bytes([sds(kv_shape, cdt, kv_sh)])
+        label = "sample" if phase == "sample" else "eval sampling"
+        detail = f"{B} prompts x {n} samples ({how}), prompt {P} + {out_len} new, temperature {temperature:g}"
+        rows = []
+        pre = PhaseRow(f"{label}: prefill", detail, hbm=sl.chip.hbm)
+        pre.info = dict(label=label, prompts=prompts, samples=n, batch=B, batch_source=how, largest_batch=largest,
+                        shared_batch=shared, max_new=max_new, prompt_len=P, cache_len=cache_len,
+                        bytes_read=decode_bytes_read(scfg, B * n, cache_len, mesh, cdt))
+        pre.params, pre.outside = compiled_bytes(params), outside
 
-    def jit_in_mesh(fn, donate=()):
-        class _Build:  # lower() inside activate(mesh), as sampler._compile does
-            def lower(self, *a):
-                with sharding.activate(mesh):
-                    return jax.jit(fn, donate_argnums=donate).lower(*a)
-        return _Build()
+        def prefill_fn(*a):
+            return prefill(*a, cfg=scfg, num_samples=n, cache_len=cache_len, cache_dtype=cdt, **settings)
 
-    compiled = compile_and_measure(pre, sl, mcfg, lambda: jit_in_mesh(prefill_fn), pargs, tokens=B * P, seq_len=P,
-                                   backward=False, kv=kv)
-    pre.model_flops = prefill_flops(mcfg, B, P, cache_len) / len(sl.devices)
-    rows.append(pre)
-    dec = PhaseRow(f"{label}: decode", f"{B * n} rows, one token per step, cache {cache_len}", hbm=sl.chip.hbm)
-    dec.params, dec.outside, dec.info = pre.params, outside, pre.info
-    if compiled is None:
-        dec.verdict = "not compiled (prefill does not fit)"
-        dec.total, dec.kv_cache, dec.exact = pre.total, kv, False
+        def jit_in_mesh(fn, donate=()):
+            class _Build:  # lower() inside activate(mesh), as sampler._compile does
+                def lower(self, *a):
+                    with sharding.activate(mesh):
+                        return jax.jit(fn, donate_argnums=donate).lower(*a)
+            return _Build()
+
+        compiled = compile_and_measure(pre, sl, mcfg, lambda: jit_in_mesh(prefill_fn), pargs, tokens=B * P, seq_len=P,
+                                       backward=False, kv=kv)
+        pre.model_flops = prefill_flops(mcfg, B, P, cache_len) / len(sl.devices)
+        rows.append(pre)
+        dec = PhaseRow(f"{label}: decode", f"{B * n} rows, one token per step, cache {cache_len}", hbm=sl.chip.hbm)
+        dec.params, dec.outside, dec.info = pre.params, outside, pre.info
+        if compiled is None:
+            dec.verdict = "not compiled (prefill does not fit)"
+            dec.total, dec.kv_cache, dec.exact = pre.total, kv, False
+            rows.append(dec)
+            return rows
+        cache_out, state_out = jax.tree.map(lambda s: sds(s.shape, s.dtype, s.sharding), compiled.out_info)
+        dargs = (params, cache_out, state_out, sds((), jnp.float32, rep), sds((), jnp.float32, rep),
+                 sds((), jnp.int32, rep), sds(stop_id_buffer(()).shape, jnp.int32, rep))
+
+        def decode_fn(*a):
+            return decode(*a, cfg=scfg, prompt_len=P, out_len=out_len, **settings)
+
+        compile_and_measure(dec, sl, mcfg, lambda: jit_in_mesh(decode_fn, donate=(1,)), dargs, tokens=B * n,
+                            seq_len=cache_len, backward=False, kv=kv)
+        dec.model_flops = B * n * flops_per_token(mcfg, cache_len, backward=False) / len(sl.devices)
         rows.append(dec)
         return rows
-    cache_out, state_out = jax.tree.map(lambda s: sds(s.shape, s.dtype, s.sharding), compiled.out_info)
-    dargs = (params, cache_out, state_out, sds((), jnp.float32, rep), sds((), jnp.float32, rep),
-             sds((), jnp.int32, rep), sds(stop_id_buffer(()).shape, jnp.int32, rep))
 
-    def decode_fn(*a):
-        return decode(*a, cfg=scfg, prompt_len=P, out_len=out_len, **settings)
-
-    compile_and_measure(dec, sl, mcfg, lambda: jit_in_mesh(decode_fn, donate=(1,)), dargs, tokens=B * n,
-                        seq_len=cache_len, backward=False, kv=kv)
-    dec.model_flops = B * n * flops_per_token(mcfg, cache_len, backward=False) / len(sl.devices)
-    rows.append(dec)
+    # the memory model (sampling_bytes_per_device) is checked against XLA on CPU; on TPU the compiled decode may need
+    # more (e.g. a second copy of the cache): shrink a planned batch to what the compiled program says fits, twice
+    for attempt in range(3):
+        rows = compile_at(B, how)
+        worst = max(rows, key=lambda r: r.total)
+        if cfg.sample.batch_size or attempt == 2 or worst.total <= FIT_MARGIN * worst.hbm:
+            return rows
+        fixed = worst.params + worst.outside
+        smaller = int(B * (FIT_MARGIN * worst.hbm - fixed) / max(worst.total - fixed, 1.0)) // shards * shards
+        if not 0 < smaller < B:
+            return rows
+        B, how = smaller, f"planned: {largest} did not fit compiled, shrunk to the compiled bytes"
     return rows
