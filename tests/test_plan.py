@@ -209,3 +209,118 @@ def test_plan_tiny_sampler_on_v5e_2x2(tmp_path, monkeypatch):
         assert dec.flops == pytest.approx(dec.model_flops, rel=0.02)
         sorts[temperature] = " sort(" in (dump / "sample_decode.hlo.txt").read_text()
     assert sorts == {0.7: True, 0.0: False}
+
+
+# ---- fast: what a round costs (jaxalign.plan.hours), written out independently -----------------------------------
+
+def _fake_slice(chips: int = 16):
+    from jaxalign.plan.tpu import CHIPS, Slice
+
+    return Slice("v5e:4x4", [object()] * chips, CHIPS["tpu v5 lite"], 197e12, (4, 4))
+
+
+def _irl_rows(cfg, mcfg, sl):
+    """Planned rows as the compiler would leave them (times and FLOPs made up), shapes from ultrachat_irl."""
+    from jaxalign.plan.hours import decode_bytes_read
+
+    PhaseRow = plan_lib.PhaseRow
+    rows = []
+    for label, prompts, n, batch, max_new, pre_s, dec_s in (("sample", 20000, 8, 96, 256, 1.7, 0.30),
+                                                           ("eval sampling", 64, 1, 64, 512, 0.4, 0.24)):
+        cache = 512 + max_new
+        info = dict(label=label, prompts=prompts, samples=n, batch=batch, batch_source="planned: largest that fits",
+                    largest_batch=batch, shared_batch=0, max_new=max_new, prompt_len=512, cache_len=cache,
+                    bytes_read=decode_bytes_read(mcfg, batch * n, cache, None))
+        rows.append(PhaseRow(f"{label}: prefill", info=info, step_s=pre_s, compute_s=pre_s))
+        rows.append(PhaseRow(f"{label}: decode", info=info, step_s=dec_s, compute_s=dec_s / 4))
+    rows.append(PhaseRow("reward", step_s=5.0, flops=444e12))
+    rows.append(PhaseRow("policy", step_s=6.8, flops=571e12))
+    return rows
+
+
+def test_round_hours_are_the_formula_written_out():
+    """Each item of a round: sampling = batches x (prefill + (max_new - 1) decode steps) (responses run to
+    max_new_tokens); IRL's negatives: one sample per prompt, batch x N prompts per batch; reward / policy = steps x
+    step time; forward passes at the train step's FLOP rate; the total is the sum of its items."""
+    from jaxalign.config import load
+    from jaxalign.plan.hours import round_items, sampling_estimate
+
+    cfg = load("ultrachat_irl")
+    mcfg = plan_lib.model_config(cfg)
+    sl = _fake_slice()
+    rows = _irl_rows(cfg, mcfg, sl)
+    h, v, L, T = 4096, 32000, 32, 1024
+    n_matmul = L * (h * 128 * (32 + 2 * 8) + 32 * 128 * h + 3 * h * 14336) + h * v  # Mistral-7B
+    fwd_rm = 2 * (n_matmul - h * v) + 4 * L * T * 32 * 128  # per token, no LM head
+
+    expected = {
+        "sample: draws": math.ceil(20000 / 96) * (1.7 + 255 * 0.30),
+        "sample: negatives": math.ceil(20000 / (96 * 8)) * (8 * 1.7 + 255 * 0.30),
+        "reward": math.ceil(20000 / 64) * 5.0,
+        "policy: RM scores the samples": 20000 * 8 * T * fwd_rm / 16 / (444e12 / 5.0),
+        "policy": math.ceil(20000 / 64) * 6.8,
+        "eval: sampling": 1 * (0.4 + 511 * 0.24),
+        "eval: RM scoring": (2 * 64 + 2 * 1000) * T * fwd_rm / 16 / (444e12 / 5.0),
+    }
+    items = round_items(cfg, mcfg, rows, sl, 1)
+    got = {name: s for name, _, s in items[:-1]}
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k] == pytest.approx(expected[k], rel=1e-9), k
+    assert items[-1][0] == "round 1 total" and items[-1][2] == pytest.approx(sum(expected.values()), rel=1e-12)
+    # round 2's RM trains on both rounds' pairs (reward.accumulate_pairs), nothing else changes
+    two = {name: s for name, _, s in round_items(cfg, mcfg, rows, sl, 2)}
+    assert two["reward"] == pytest.approx(math.ceil(40000 / 64) * 5.0)
+    assert two["round 2 total"] == pytest.approx(sum(expected.values()) + two["reward"] - expected["reward"])
+
+    est = sampling_estimate(rows[0], rows[1], sl, cfg)
+    assert est.tokens_per_s == pytest.approx(96 * 8 / 0.30)
+    kv = 2 * L * (96 * 8) * (512 + 256) * 8 * 128 * 2  # bytes, bf16 cache, no mesh: one shard
+    assert est.bytes_read["kv"] == kv and est.bytes_read["weights"] == 2 * n_matmul
+    assert est.roofline == pytest.approx((2 * n_matmul + kv) / 819e9 / (0.30 / 4))
+    assert est.roofline_step == pytest.approx((2 * n_matmul + kv) / 819e9 / 0.30)
+
+
+def test_shared_prefix_bytes_store_the_prompt_once():
+    """kv(B, P) + kv(B N, new) against the current layout's kv(B N, P + new); the largest batch is the boundary."""
+    from jaxalign.config import load
+    from jaxalign.plan.hours import largest_batch, shared_prefix_bytes
+    from jaxalign.sampling import kv_cache_bytes
+
+    mcfg = plan_lib.model_config(load("ultrachat_irl")).replace(dtype="bfloat16")
+    got = shared_prefix_bytes(mcfg, prompts=4, num_samples=8, prompt_len=512, new_len=256)
+    assert got["kv_cache"] == kv_cache_bytes(mcfg, 4, 512) + kv_cache_bytes(mcfg, 32, 256)
+    assert got["kv_cache"] * 768 * 8 == kv_cache_bytes(mcfg, 32, 768) * (512 + 8 * 256)  # 2.4x smaller
+    assert largest_batch(lambda b: b <= 37, 4, 1000) == 36
+    assert largest_batch(lambda b: b <= 37, 4, 20) == 20 and largest_batch(lambda b: False, 4, 20) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu]" (the test extra installs it)')
+def test_planned_decode_batch_is_the_largest_that_fits(tmp_path):
+    """Without sample.batch_size the sample phase plans the largest batch the sampler's memory model admits in 90% of
+    HBM after the weights (no 256-row cap), compiles prefill and decode at that batch, and both compiled programs fit
+    the chip; one more batch shard of prompts would not fit the budget. The sampling table and the round total print."""
+    from jaxalign.config import load
+    from jaxalign.plan.report import FIT_MARGIN
+    from jaxalign.sampling import sampling_bytes_per_device
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "vocab_size": 32768, "hidden_size": 1024,
+                                                      "num_key_value_heads": 4}))
+    cfg = load("demo_cpu", ["run.demo_task=false", f"model.path={tmp_path}", "model.dtype=bfloat16", "mesh.data=1",
+                            "mesh.fsdp=4", "data.max_length=1024", "data.max_prompt_length=512",
+                            "sample.max_new_tokens=512", "sample.batch_size=0", "sample.limit=100000",
+                            "policy.pairs=best_of_n", "policy.num_samples=4"])
+    printed = []
+    pre, dec = plan_lib.plan_recipe(cfg, "v5e:2x2", phases=["sample"], print_fn=printed.append)
+    i = pre.info
+    assert i["batch_source"].startswith("planned") and i["batch"] == i["largest_batch"] > 256 // 4
+    assert pre.exact and dec.exact and pre.total <= pre.hbm and dec.total <= dec.hbm
+    mcfg = plan_lib.model_config(cfg).replace(remat="none")
+    budget = FIT_MARGIN * pre.hbm - pre.outside - pre.params
+    size = dict(num_samples=4, prompt_len=512, cache_len=1024, mesh=plan_lib.make_mesh(cfg, plan_lib.get_slice(
+        "v5e:2x2")))
+    assert sampling_bytes_per_device(mcfg, prompts_per_batch=i["batch"], **size)["total"] <= budget
+    assert sampling_bytes_per_device(mcfg, prompts_per_batch=i["batch"] + 4, **size)["total"] > budget
+    assert i["shared_batch"] > i["batch"]  # the prompt's KV stored once leaves room for more prompts
+    assert "tokens/s (slice)" in printed[1] and "HBM roofline" in printed[1]

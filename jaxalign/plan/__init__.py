@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 
 from jaxalign.plan.disk import disk_plan, format_disk
+from jaxalign.plan.hours import ASSUMPTIONS, format_rounds, format_sampling, round_items, sampling_estimate
 from jaxalign.plan.phases import (HUB_CONFIGS, MODELS_DIR, PhaseRow, make_mesh, model_config, model_step_flops,
                                   WhatIf, plan_train, resolve_model_file)
 from jaxalign.plan.sampling import plan_sampler, prefill_flops
@@ -35,7 +36,8 @@ from jaxalign.plan.tpu import CHIPS, PlanError, Slice, get_slice, hbm_allocated,
 
 __all__ = ["plan_recipe", "phases_to_plan", "PlanError", "PhaseRow", "WhatIf", "Slice", "CHIPS", "HUB_CONFIGS",
            "MODELS_DIR", "FIT_MARGIN", "get_slice", "require_libtpu", "model_config", "resolve_model_file", "parse_oom",
-           "hbm_allocated", "format_plan", "judge", "plan_train", "plan_sampler", "model_step_flops", "prefill_flops"]
+           "hbm_allocated", "format_plan", "judge", "plan_train", "plan_sampler", "model_step_flops", "prefill_flops",
+           "round_items", "sampling_estimate", "ASSUMPTIONS"]
 
 
 # ---- the recipe -------------------------------------------------------------------------------------------------
@@ -50,6 +52,8 @@ def phases_to_plan(cfg) -> list[str]:
     elif "eval" in kinds:
         out.append("eval")
     out += [k for k in ("reward", "policy") if k in kinds]
+    if "sample" in kinds and "eval" in kinds and cfg.run.method != "afd":  # a round's eval, for the round total
+        out.append("eval")
     return out
 
 
@@ -85,5 +89,10 @@ def plan_recipe(cfg, topology: str, *, phases: list[str] | None = None, print_fn
                 judge(r, cfg, mesh, sl)
     if print_fn is not None:
         print_fn(format_plan(cfg, mcfg, sl, mesh, rows))
+        sampling, rounds = format_sampling(cfg, sl, rows), format_rounds(cfg, mcfg, rows, sl)
+        if sampling:
+            print_fn(f"Sampling on {sl.name} (per chip; HBM {sl.hbm_bw / 1e9:.0f} GB/s):\n\n{sampling}\n\n"
+                     + (f"Per round on {sl.name} (hours, from the est. step s above):\n\n{rounds}\n" if rounds else
+                        f"Assumptions: {ASSUMPTIONS}.\n"))
         print_fn(format_disk(cfg, disk_plan(cfg, mcfg)))
     return rows

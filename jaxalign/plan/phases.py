@@ -53,6 +53,7 @@ class PhaseRow:
     mfu: float | None = None
     compile_s: float = 0.0
     exact: bool = True  # False when the compiler refused the program and total comes from its error message
+    info: dict = dataclasses.field(default_factory=dict)  # sampling: the batch and shapes (jaxalign.plan.hours)
 
     @property
     def fits(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 
+from jaxalign.plan.hours import forward_seconds
 from jaxalign.plan.phases import PhaseRow
 from jaxalign.plan.tpu import GiB, Slice
 
@@ -83,7 +84,7 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
             row.advice.append("the weights alone fill the chip: raise mesh.fsdp / mesh.tensor")
         else:
             m = re.match(r"(\d+) prompts", row.detail)
-            b = int(m.group(1)) if m else 0
+            b = row.info.get("batch") or (int(m.group(1)) if m else 0)  # the decode row's detail counts rows
             shards = batch_shards(mesh)
             fit_b = max(shards, int(b * room / rest) // shards * shards) if b else 0
             row.advice.append(f"KV cache + activations take {_gib(rest)} GiB per chip: set sample.batch_size="
@@ -127,6 +128,12 @@ def format_plan(cfg, mcfg, sl: Slice, mesh, rows: list[PhaseRow]) -> str:
                      f"{r.mfu * r.step_s:.3g} s); collectives {r.collective_s:.3g} s"
                      f"{f' ({coll})' if coll else ''}; "
                      f"{'compute' if r.compute_s >= r.collective_s else 'ICI'}-bound") if r.mfu else ""
+        if split and r.phase == "policy" and "reference precomputed" in r.detail:  # the pass it moved out of the step
+            pairs, T = cfg.policy.batch_size, cfg.data.max_length
+            ref_s = forward_seconds(r, mcfg, 2 * pairs, T, n, lm_head=True)
+            split += (f"\n  - with the reference pass before the phase (one forward of the step's {2 * pairs} "
+                      f"sequences at this step's FLOP rate, {ref_s:.3g} s): {r.step_s + ref_s:.3g} s per step, MFU "
+                      f"{100 * r.mfu * r.step_s / (r.step_s + ref_s):.1f}% counting it")
         notes.append(f"- **{r.phase}** ({r.detail}; compiled in {r.compile_s:.0f} s): {r.verdict}" + split +
                      "".join(f"\n  - fix: {a}" for a in r.advice))
     units = (f"\nGiB per {u}. 'outside step': " + OUTSIDE + f". TFLOP per {u} per step (decode: per generated "

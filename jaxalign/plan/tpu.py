@@ -24,16 +24,17 @@ class Chip:
     hbm: float  # bytes per device the TPU compiler may use (from its RESOURCE_EXHAUSTED message)
     mxu_flops_per_cycle: int  # per device: MXUs x 2 x systolic array size
     ici_link: float  # bytes/s of one ICI link, both directions (collectives model)
+    hbm_bw: float = 0.0  # bytes/s of HBM per device (spec sheets; per TensorCore where the topology lists cores)
 
 
 # keyed by device_kind (lower case). v2 / v3 / v4 topologies list each TensorCore as a device.
 CHIPS = {
-    "tpu v2": Chip("v2", 7.48 * GiB, 1 * 2 * 128 * 128, 2 * 31e9),
-    "tpu v3": Chip("v3", 15.48 * GiB, 2 * 2 * 128 * 128, 2 * 41e9),
-    "tpu v4": Chip("v4", 15.25 * GiB, 4 * 2 * 128 * 128, 2 * 45e9),
-    "tpu v5 lite": Chip("v5e", 15.75 * GiB, 4 * 2 * 128 * 128, 2 * 45e9),
-    "tpu v5": Chip("v5p", 95.74 * GiB, 8 * 2 * 128 * 128, 2 * 90e9),
-    "tpu v6 lite": Chip("v6e", 31.25 * GiB, 4 * 2 * 256 * 256, 2 * 90e9),
+    "tpu v2": Chip("v2", 7.48 * GiB, 1 * 2 * 128 * 128, 2 * 31e9, 700e9 / 2),
+    "tpu v3": Chip("v3", 15.48 * GiB, 2 * 2 * 128 * 128, 2 * 41e9, 900e9 / 2),
+    "tpu v4": Chip("v4", 15.25 * GiB, 4 * 2 * 128 * 128, 2 * 45e9, 1228e9),
+    "tpu v5 lite": Chip("v5e", 15.75 * GiB, 4 * 2 * 128 * 128, 2 * 45e9, 819e9),
+    "tpu v5": Chip("v5p", 95.74 * GiB, 8 * 2 * 128 * 128, 2 * 90e9, 2765e9),
+    "tpu v6 lite": Chip("v6e", 31.25 * GiB, 4 * 2 * 256 * 256, 2 * 90e9, 1640e9),
 }
 
 
@@ -57,6 +58,11 @@ class Slice:
         generation = self.name.split(":")[0]
         cores_per_chip = 2 if generation in ("v2", "v3", "v4", "v5p") else 1
         return f"{generation}-{math.prod(self.dims) * cores_per_chip}"
+
+    @property
+    def hbm_bw(self) -> float:
+        """HBM bytes/s per device (a v4 topology that lists TensorCores splits its chip's bandwidth over two)."""
+        return self.chip.hbm_bw / (2 if self.chip.name == "v4" and self.unit == "core" else 1)
 
     @property
     def clock(self) -> float:
