@@ -161,6 +161,8 @@ def round_items(cfg, mcfg, rows, sl, round_: int = 1) -> list[tuple[str, str, fl
         return est.prompts
 
     prompts = sampling("sample", "sample: draws")
+    if "sample: decode" in by and not prompts:  # the sample phase did not compile: no round total to give
+        return []
     reward, policy = by.get("reward"), by.get("policy")
     if reward is not None and reward.step_s and prompts:
         pairs = prompts * (round_ if cfg.reward.accumulate_pairs else 1)
