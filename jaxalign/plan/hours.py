@@ -43,33 +43,6 @@ def largest_batch(fits, shards: int, cap: int) -> int:
     return lo * shards
 
 
-def shared_prefix_bytes(mcfg, *, prompts: int, num_samples: int, prompt_len: int, new_len: int, mesh=None,
-                        cache_dtype=None) -> dict[str, int]:
-    """Per-device peak bytes of one sampler batch with the shared-prefix KV layout (each prompt's KV stored once, each
-    of its N samples keeping only its new tokens' KV): ``KV = kv(B, P) + kv(B N, new)`` over the batch and KV-head
-    shards, with the transients of :func:`jaxalign.sampling.memory.sampling_bytes_per_device` (decode: the cache plus
-    1.5 / L of it for the layer slices, + float32 logits work ``(rows / b) V 32``; prefill: the prefix cache, the
-    prompt's activations attending over ``P`` slots). Planning only, until the sampler's shared layout is merged:
-    then ``jaxalign.sampling.memory`` should own this formula."""
-    from jaxalign.sampling.memory import kv_cache_bytes, kv_head_shards
-    from jaxalign.sharding import batch_shards
-
-    import jax.numpy as jnp
-
-    b, t = batch_shards(mesh), kv_head_shards(mcfg, mesh)
-    rows = prompts * num_samples
-    prefix = kv_cache_bytes(mcfg, prompts, prompt_len, cache_dtype) // (b * t)
-    suffix = kv_cache_bytes(mcfg, rows, new_len, cache_dtype) // (b * t)
-    c = jnp.dtype(mcfg.dtype).itemsize
-    per_prompt = prompt_len * (4 * mcfg.hidden_size + 3 * mcfg.intermediate_size) * c
-    per_prompt += mcfg.num_heads * prompt_len * prompt_len * 4 * 3 // (2 * t)
-    transients = math.ceil(rows / b) * mcfg.vocab_size * 32
-    prefill = prefix + suffix + int(4 / mcfg.num_layers * prefix) + int(1.25 * math.ceil(prompts / b) * per_prompt)
-    decode = int((1 + 1.5 / mcfg.num_layers) * (prefix + suffix))
-    return {"kv_cache": prefix + suffix, "prefill": prefill + transients, "decode": decode + transients,
-            "total": max(prefill, decode) + transients}
-
-
 def decode_bytes_read(mcfg, rows: int, cache_len: int, mesh, cache_dtype=None) -> dict[str, float]:
     """Bytes one chip reads from HBM per decode step (module docstring): weights + its KV-cache shard."""
     import jax.numpy as jnp
@@ -197,19 +170,19 @@ def format_sampling(cfg, sl, rows) -> str:
         if est is None:
             continue
         i, b = pre.info, est.bytes_read
-        shared = (f"{i['shared_batch']} x {est.samples}" if i.get("shared_batch") else "-")
+        unshared = (f"{i['unshared_batch']} x {est.samples}" if i.get("unshared_batch") else "-")
         pct = "-" if est.roofline is None else f"{100 * est.roofline:.1f}% ({100 * est.roofline_step:.1f}%)"
         hours = "-" if est.seconds is None else f"{(est.seconds + est.negatives_s) / 3600:.2f}"
         lines.append("| " + " | ".join([
             label, f"{est.batch} x {est.samples} = {est.rows} ({i['batch_source']})",
-            f"{i['largest_batch']} x {est.samples}" if i.get("largest_batch") else "-", shared,
+            f"{i['largest_batch']} x {est.samples}" if i.get("largest_batch") else "-", unshared,
             f"{b['total'] / 1e9:.2f} = {b['weights'] / 1e9:.2f} + {b['kv'] / 1e9:.2f} (arithmetic)",
             f"{1e3 * b['total'] / sl.hbm_bw:.3g}", _g(dec.compute_s, 1e3), _g(dec.step_s, 1e3), pct,
             _g(est.tokens_per_s), f"{est.prompts} x {est.samples} x {est.max_new}"
             + (" (+ negatives x 1)" if est.negatives_s else ""), hours]) + " |")
     if not lines:
         return ""
-    cols = ("sampling", "decode batch: prompts x N = rows", "largest that fits", "fits, shared prefix",
+    cols = ("sampling", "decode batch: prompts x N = rows", "largest that fits", "fits, prompt KV repeated per sample",
             "GB read / step / chip = weights + KV", "HBM ms", "compute ms", "est. step ms", "HBM roofline",
             "tokens/s (slice)", "tokens (prompts x N x new)", "est. hours")
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + lines)

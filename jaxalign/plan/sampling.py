@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from jaxalign.plan.phases import (PhaseRow, abstract_params, compile_and_measure, compiled_bytes, sds, tree_bytes)
-from jaxalign.plan.hours import decode_bytes_read, largest_batch, shared_prefix_bytes
+from jaxalign.plan.hours import decode_bytes_read, largest_batch
 from jaxalign.plan.report import FIT_MARGIN
 from jaxalign.plan.tpu import Slice
 
@@ -55,9 +55,10 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     size = dict(prompt_len=P, cache_len=cache_len, num_samples=n, mesh=mesh, cache_dtype=cdt)
     largest = largest_batch(lambda b: sampling_bytes_per_device(scfg, prompts_per_batch=b, **size)["total"] <= budget,
                             shards, prompts)
-    shared = largest_batch(lambda b: shared_prefix_bytes(scfg, prompts=b, num_samples=n, prompt_len=P, new_len=out_len,
-                                                         mesh=mesh, cache_dtype=cdt)["total"] <= budget,
-                           shards, prompts) if n > 1 else 0
+    # the same search with the repeated layout (every sample holding a copy of its prompt's KV), for comparison
+    unshared = largest_batch(lambda b: sampling_bytes_per_device(scfg, prompts_per_batch=b, shared_prefix=False,
+                                                                 **size)["total"] <= budget,
+                             shards, prompts) if n > 1 else 0
     if cfg.sample.batch_size:
         B = math.ceil(cfg.sample.batch_size / shards) * shards
         how = "sample.batch_size"
@@ -82,7 +83,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
         rows = []
         pre = PhaseRow(f"{label}: prefill", detail, hbm=sl.chip.hbm)
         pre.info = dict(label=label, prompts=prompts, samples=n, batch=B, batch_source=how, largest_batch=largest,
-                        shared_batch=shared, max_new=max_new, prompt_len=P, cache_len=cache_len,
+                        unshared_batch=unshared, max_new=max_new, prompt_len=P, cache_len=cache_len,
                         bytes_read=decode_bytes_read(scfg, B * n, cache_len, mesh, cdt))
         pre.params, pre.outside = compiled_bytes(params), outside
 
