@@ -10,10 +10,8 @@ Variants (the policy step of each IRL round; everything else is ``configs/demo_c
 - ``spin``: SPIN-style pairs that do not use the reward model — demonstration vs the policy's own sample, DPO's loss
   with the previous round's policy as reference (``configs/ultrachat_spin.yaml``'s policy choices).
 
-Each run is the real launcher (``launch/tpu_run.py --config demo_cpu``) in a subprocess with its own work directory;
-the variants of one seed share its SFT phase (the first variant's ``assets``, ``sft`` and ``eval0`` are copied into
-the others' work directories, which then skip them as finished: same settings, same seed). ``--jobs 2`` runs two
-seeds at a time.
+Each run is the real launcher (``launch/tpu_run.py --config demo_cpu``) in a subprocess with its own work directory
+(a finished run's directory is reused: its phases are skipped); ``--jobs 2`` runs two at a time.
 The table gives, per variant and round, the mean and range (min..max over seeds) of the gold score (greedy answers to
 the held-out prompts), the reward model's accuracy on held-out (demonstration, own answer) pairs and on the corrupted
 held-out pairs, and its win rate against the SFT model's answers; ``--json`` writes every run's rows.
@@ -24,7 +22,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +47,7 @@ def run_demo(workdir: Path, seed: int, variant: str, extra: list[str]) -> tuple[
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if out.returncode != 0:
-        raise SystemExit(f"demo failed (seed {seed}, {variant}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"demo failed (seed {seed}, {variant}):\n{out.stderr[-3000:]}")
     sys.path.insert(0, str(ROOT))
     from jaxalign import config as config_lib
     from jaxalign.pipeline.report import round_table
@@ -81,22 +78,15 @@ def main():
         ap.error(f"unknown variants {sorted(unknown)}; valid: {sorted(VARIANTS)}")
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
 
-    def one_seed(seed: int) -> list[dict]:
-        out, first = [], None
-        for variant in variants:
-            work = Path(args.root) / f"{variant}_seed{seed}"
-            if first is not None and not (work / "phases" / "sft" / "done.json").is_file():
-                for part in ("assets", "phases/sft", "phases/eval0"):
-                    shutil.copytree(first / part, work / part, dirs_exist_ok=True)
-            table, wall = run_demo(work, seed, variant, args.overrides)
-            first = first or work
-            out.append({"variant": variant, "seed": seed, "seconds": wall, "rounds": table})
-            print(f"{variant} seed {seed}: {wall:.0f} s  " + json.dumps(
-                {r["round"]: round(r.get("gold", float("nan")), 3) for r in table}), flush=True)
-        return out
+    def one(job: tuple[str, int]) -> dict:
+        variant, seed = job
+        table, wall = run_demo(Path(args.root) / f"{variant}_seed{seed}", seed, variant, args.overrides)
+        print(f"{variant} seed {seed}: {wall:.0f} s  " + json.dumps(
+            {r["round"]: round(r.get("gold", float("nan")), 3) for r in table}), flush=True)
+        return {"variant": variant, "seed": seed, "seconds": wall, "rounds": table}
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        runs = [r for seed_runs in pool.map(one_seed, seeds) for r in seed_runs]
+        runs = list(pool.map(one, [(v, s) for v in variants for s in seeds]))
     results: dict[str, list[list[dict]]] = {}
     for r in sorted(runs, key=lambda r: (variants.index(r["variant"]), r["seed"])):
         results.setdefault(r["variant"], []).append(r["rounds"])
