@@ -257,6 +257,8 @@ def test_unknown_mode(calls):
 # ---- a real start ---------------------------------------------------------------------------------------------------
 
 _SCRIPT = textwrap.dedent("""
+    import sys
+
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -265,9 +267,11 @@ _SCRIPT = textwrap.dedent("""
 
     cluster = distributed.initialize("on")
     ids = multihost_utils.process_allgather(np.array([jax.process_index()]))
-    print("RESULT", cluster.num_processes, jax.process_count(), jax.process_index(), jax.device_count(),
-          jax.local_device_count(), jax.config.jax_cpu_collectives_implementation, sorted(ids.ravel().tolist()),
-          flush=True)
+    fields = (cluster.num_processes, jax.process_count(), jax.process_index(), jax.device_count(),
+              jax.local_device_count(), jax.config.jax_cpu_collectives_implementation, sorted(ids.ravel().tolist()))
+    # one write: gloo's C++ logging shares the descriptor, and print's pieces once let it in mid-line
+    sys.stdout.write("RESULT " + " ".join(map(str, fields)) + "\\n")
+    sys.stdout.flush()
     jax.distributed.shutdown()
 """)
 
@@ -281,16 +285,16 @@ def test_two_real_processes_on_cpu(tmp_path):
     base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES="2", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2".strip())
     procs = [subprocess.Popen([sys.executable, str(script)], env={**base, "JAX_PROCESS_ID": str(i)}, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
+        outs = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out[-3000:]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, (out + err)[-3000:]
         result = next(line for line in out.splitlines() if line.startswith("RESULT"))
         # 2 processes of 2 CPU devices each: 4 global devices, a gloo all-gather that saw both process ids
-        assert result == f"RESULT 2 2 {i} 4 2 gloo [0, 1]", out[-3000:]
+        assert result == f"RESULT 2 2 {i} 4 2 gloo [0, 1]", (out + err)[-3000:]

@@ -69,7 +69,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     x = shard_batch({"x": full[pid * 4:(pid + 1) * 4]}, make_mesh(-1, 1, 1))["x"]  # each process: its 4 rows
     assert not x.is_fully_addressable
     np.testing.assert_array_equal(to_host(x), full)
-    print("OK", pid)
+    print(f"OK {pid}")  # one write: gloo logs to the same descriptor
 """)
 
 
@@ -77,13 +77,13 @@ def test_to_host_gathers_an_array_spread_over_two_processes():
     env = script_env(devices=4)
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(port), str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
+        outs = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {i}" in out.splitlines(), (out + err)[-3000:]
