@@ -122,20 +122,24 @@ def parser() -> argparse.ArgumentParser:
 
 # ---- running ---------------------------------------------------------------------------------------------------------
 
-def _stop_on_sigterm():
+def _stop_on_signals() -> dict:
     """SIGTERM anywhere outside a training loop (loading, sampling, evaluating, writing the report) stops the run like
     Ctrl-C: exit 75, finished phases and checkpoints kept. Inside a training loop the loop's own handler takes over and
-    saves a checkpoint first. Returns the previous handler (None off the main thread, where signals cannot be set)."""
+    saves a checkpoint first. SIGINT is set to Python's KeyboardInterrupt even when it arrived ignored: a non-interactive
+    shell starts `cmd &` with SIGINT ignored, and the run would then stop on it inside a training loop (whose handler is
+    explicit) but not while sampling. Returns the previous handlers (none off the main thread, where signals cannot be
+    set)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -175,17 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         from jaxalign.pipeline.runner import Pipeline
         from jaxalign.train.loop import EXIT_PREEMPTED, Preempted
 
-        previous = _stop_on_sigterm()
+        previous = _stop_on_signals()
         try:
             Pipeline(cfg, force=args.force).run()
         except Preempted as e:
             print(f"[jaxalign] {e}", file=sys.stderr)
             return EXIT_PREEMPTED
         finally:
-            if previous is not None:
-                import signal
+            import signal
 
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     except (ConfigError, DataError, ModelConfigError, DistributedError, TrackerError) as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -138,22 +138,32 @@ def test_bad_input_mesh_and_batch(launcher, capsys, tmp_path, tiny):
     assert "policy.batch_size=12 does not divide over the 8 batch shards" in err
 
 
-def test_sigterm_outside_a_training_loop_exits_75(launcher, capsys, tmp_path, tiny, monkeypatch):
-    """SIGTERM while loading / sampling / evaluating stops the run like Ctrl-C: exit 75 with the resume hint (inside
-    a training loop the loop saves a checkpoint first: the slow interruption test covers that)."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_outside_a_training_loop_exits_75(sig, launcher, capsys, tmp_path, tiny, monkeypatch):
+    """SIGTERM or SIGINT while loading / sampling / evaluating stops the run like Ctrl-C: exit 75 with the resume hint
+    (inside a training loop the loop saves a checkpoint first: the slow interruption test covers that). SIGINT arrives
+    ignored here, as a non-interactive shell's `cmd &` starts it: CI lost a Ctrl-C during sampling that way."""
     from jaxalign.pipeline.runner import Pipeline
 
+    signum = getattr(signal, sig)
+
     def run(self):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler raises here
-        raise AssertionError("SIGTERM did not stop the run")
+        raise AssertionError(f"{sig} did not stop the run")
 
     monkeypatch.setattr(Pipeline, "run", run)
-    previous = signal.getsignal(signal.SIGTERM)
-    rc = launcher.main(["--config", "ultrachat_dil", "--workdir", str(tmp_path / "w"),
-                        *_overrides("ultrachat_dil", tiny)])
-    assert rc == 75 and "re-run the same command to resume" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is previous  # the launcher restores the handler it replaced
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN) if sig == "SIGINT" else None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = launcher.main(["--config", "ultrachat_dil", "--workdir", str(tmp_path / "w"),
+                            *_overrides("ultrachat_dil", tiny)])
+        assert rc == 75 and "re-run the same command to resume" in capsys.readouterr().err
+        # the launcher restores the handlers it replaced
+        assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == previous
+    finally:
+        if outer is not None:
+            signal.signal(signal.SIGINT, outer)
 
 
 # ---- recipes end to end on the tiny model ----------------------------------------------------------------------------

@@ -5,7 +5,6 @@ in its own module (``sft``, ``sample``, ``reward``, ``policy``, ``evaluate``).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Callable
 
@@ -19,7 +18,6 @@ from jaxalign.pipeline.context import RunContext, build_context
 from jaxalign.pipeline.hosts import barrier, check_shared_workdir
 from jaxalign.pipeline.phases import SECTIONS, Phase, plan
 from jaxalign.pipeline.workdir import WorkDir
-from jaxalign.train.loop import PreemptionGuard
 
 PHASE_RUNNERS: dict[str, Callable[[RunContext, Phase], dict[str, float]]] = {
     "sft": sft.run, "sample": sample.run, "reward": reward.run, "policy": policy.run, "eval": evaluate.run,
@@ -51,18 +49,15 @@ class Pipeline:
                 continue
             print(f"[jaxalign] {phase.name}: {phase.kind} (round {phase.round})")
             t0 = time.time()
-            # phases without a training loop record a SIGTERM / SIGINT and hand it on once their work is marked done
-            # (a KeyboardInterrupt raised inside the sampler was observed to be lost: the run went on to the end)
-            with PreemptionGuard() if phase.kind in ("sample", "eval") else contextlib.nullcontext():
-                ctx.workdir.phase(phase).mkdir(parents=True, exist_ok=True)
-                metrics = PHASE_RUNNERS[phase.kind](ctx, phase)
-                info = {"phase": phase.name, "kind": phase.kind, "round": phase.round,
-                        "fingerprint": fingerprint(ctx.cfg, phase), "seconds": time.time() - t0, "metrics": metrics}
-                if jax.process_index() == 0:
-                    ctx.workdir.mark_done(phase, info)
-                    if not ctx.cfg.reliability.keep_finished_checkpoints:  # after the marker: a crash keeps the phase
-                        (ctx.workdir.phase(phase) / "checkpoints").rmtree(missing_ok=True)
-                    report.write_report(ctx)
+            ctx.workdir.phase(phase).mkdir(parents=True, exist_ok=True)
+            metrics = PHASE_RUNNERS[phase.kind](ctx, phase)
+            info = {"phase": phase.name, "kind": phase.kind, "round": phase.round,
+                    "fingerprint": fingerprint(ctx.cfg, phase), "seconds": time.time() - t0, "metrics": metrics}
+            if jax.process_index() == 0:
+                ctx.workdir.mark_done(phase, info)
+                if not ctx.cfg.reliability.keep_finished_checkpoints:  # after the marker: a crash keeps the phase
+                    (ctx.workdir.phase(phase) / "checkpoints").rmtree(missing_ok=True)
+                report.write_report(ctx)
             barrier(f"jaxalign: {phase.name} done")  # later phases on every host read what process 0 wrote
         if jax.process_index() == 0:  # also when every phase was skipped: the report follows the installed code
             report.write_report(ctx)
