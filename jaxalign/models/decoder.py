@@ -2,8 +2,8 @@
 
 Layer weights are stacked along a leading ``layers`` axis and the forward pass is a ``lax.scan`` over them: compile
 time does not grow with depth (a 32-layer 7B step compiles as fast as a 2-layer one), rematerialisation is one
-``jax.checkpoint`` around the scanned body, and the KV cache is scanned alongside. (On CPU the scan is unrolled; see
-:func:`forward`.)
+``jax.checkpoint`` around the scanned body, and the KV cache is scanned alongside. (On CPU, without a cache, the scan is
+unrolled; see :func:`forward`.)
 
 The NNX module :class:`Decoder` holds the parameters; :func:`forward` is the pure function it calls, usable directly
 with a parameter dict inside jitted train and sampling steps.
@@ -288,8 +288,10 @@ def forward(
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     # On XLA:CPU the layer loop costs per-layer weight slices, stacked residual and gradient writes and their zero
     # fills, more than unrolling it costs in compile time (docs/performance.md). Accelerators keep the loop: there,
-    # depth-independent compile time matters and the loop's overhead does not.
-    unroll = cfg.num_layers if ops.platform() == "cpu" else 1
+    # depth-independent compile time matters and the loop's overhead does not. With a cache (prefill, decode) CPU keeps
+    # it too: unrolled, a decode step's small matmuls read each layer's weights through static slices several times
+    # slower than from the loop's per-layer slice (docs/performance.md, the decode-step profile).
+    unroll = cfg.num_layers if ops.platform() == "cpu" and cache is None else 1
     if cache is None:
         x, _ = jax.lax.scan(body, x, (layer_params, windows, layer_keys), unroll=unroll)
     else:
