@@ -7,7 +7,8 @@ Prints three tables (docs/performance.md reads them):
 
 1. The layer weights' matmuls alone, as a stacked [layers, ...] array read three ways inside one jitted program: the
    scanned loop (what the decoder runs with a KV cache), the same loop unrolled, and a Python loop over static slices
-   — 30 layers of ``tanh(x @ W_up) @ W_down`` at SmolLM2's sizes — and the same matmuls in PyTorch.
+   — 30 layers of ``tanh(x @ W_up) @ W_down`` at SmolLM2's sizes — and the same matmuls in PyTorch; then all seven
+   projections of a layer (q, k, v, o, gate, up, down; 424 MB for the 30 layers), scanned, against PyTorch.
 2. jaxalign's decode step on the real model: a loop of 16 one-token steps in one program (as the sampler runs them),
    per step, for caches of ``--slots`` slots; next to it transformers' one-token forward over a DynamicCache of a
    128-token prompt (best and median of 20 calls).
@@ -59,8 +60,8 @@ def weights_table(cfg, batches, reps):
         "unrolled loop": jax.jit(lambda x, a, b: jax.lax.scan(layer, x, (a, b), unroll=L)[0]),
         "static slices": jax.jit(lambda x, a, b: _static(x, a, b, L)),
     }
-    t_up = [torch.from_numpy(np.asarray(w_up[i])) for i in range(L)]
-    t_down = [torch.from_numpy(np.asarray(w_down[i])) for i in range(L)]
+    t_up = [torch.from_numpy(np.array(w_up[i])) for i in range(L)]
+    t_down = [torch.from_numpy(np.array(w_down[i])) for i in range(L)]
 
     def torch_loop(x):
         with torch.inference_mode():
@@ -79,6 +80,40 @@ def weights_table(cfg, batches, reps):
         ms_t = _best(lambda: torch_loop(tx), reps)[0]
         print(f"| {b} | " + " | ".join(f"{v:.1f}" for v in ms.values()) +
               f" | {ms_t:.1f} | {mb / ms['scanned loop']:.1f} |")
+
+
+def projections_table(cfg, batches, reps):
+    """All of a layer's projections (the decode step's matmul work without attention), XLA scanned vs PyTorch."""
+    import torch
+
+    L, H, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    qo, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"q": (H, qo), "k": (H, kv), "v": (H, kv), "o": (qo, H), "gate": (H, F), "up": (H, F), "down": (F, H)}
+    rng = np.random.default_rng(0)
+    w = {n: jnp.asarray(rng.standard_normal((L, *s), np.float32) * 0.02) for n, s in shapes.items()}
+
+    def layer(x, p):
+        y = x + (x @ p["q"]) @ p["o"] + jnp.sum(x @ p["k"]) + jnp.sum(x @ p["v"])
+        return y + (jax.nn.silu(y @ p["gate"]) * (y @ p["up"])) @ p["down"], None
+
+    scanned = jax.jit(lambda x, w: jax.lax.scan(layer, x, w)[0])
+    tw = [{n: torch.from_numpy(np.array(a[i])) for n, a in w.items()} for i in range(L)]
+
+    def torch_loop(x):
+        with torch.inference_mode():
+            for p in tw:
+                y = x + (x @ p["q"]) @ p["o"] + (x @ p["k"]).sum() + (x @ p["v"]).sum()
+                x = y + (torch.nn.functional.silu(y @ p["gate"]) * (y @ p["up"])) @ p["down"]
+        return x
+
+    mb = sum(a.nbytes for a in w.values()) / 1e6
+    print(f"\n1b. All seven projections of {L} layers ({mb:.0f} MB float32), ms, best of {reps}")
+    print("| batch | XLA scanned | PyTorch |")
+    print("|---:|---:|---:|")
+    for b in batches:
+        x = jnp.ones((b, H), jnp.float32)
+        tx = torch.ones(b, H)
+        print(f"| {b} | {_best(lambda: scanned(x, w), reps)[0]:.1f} | {_best(lambda: torch_loop(tx), reps)[0]:.1f} |")
 
 
 def _static(x, a, b, n):
@@ -154,6 +189,7 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
     weights_table(model.cfg, batches, args.reps)
+    projections_table(model.cfg, batches, args.reps)
     step_table(model, hf, batches, slots, args.reps)
     head_table(model, batches, args.reps)
 
