@@ -230,7 +230,7 @@ def _irl_rows(cfg, mcfg, sl):
         cache = 512 + max_new
         info = dict(label=label, prompts=prompts, samples=n, batch=batch, batch_source="planned: largest that fits",
                     largest_batch=batch, unshared_batch=0, max_new=max_new, prompt_len=512, cache_len=cache,
-                    bytes_read=decode_bytes_read(mcfg, batch * n, cache, None))
+                    bytes_read=decode_bytes_read(mcfg, batch, n, 512, cache, None))
         rows.append(PhaseRow(f"{label}: prefill", info=info, step_s=pre_s, compute_s=pre_s))
         rows.append(PhaseRow(f"{label}: decode", info=info, step_s=dec_s, compute_s=dec_s / 4))
     rows.append(PhaseRow("reward", step_s=5.0, flops=444e12))
@@ -243,7 +243,7 @@ def test_round_hours_are_the_formula_written_out():
     max_new_tokens); IRL's negatives: one sample per prompt, batch x N prompts per batch; reward / policy = steps x
     step time; forward passes at the train step's FLOP rate; the total is the sum of its items."""
     from jaxalign.config import load
-    from jaxalign.plan.hours import round_items, sampling_estimate
+    from jaxalign.plan.hours import decode_bytes_read, round_items, sampling_estimate
 
     cfg = load("ultrachat_irl")
     mcfg = plan_lib.model_config(cfg)
@@ -275,8 +275,13 @@ def test_round_hours_are_the_formula_written_out():
 
     est = sampling_estimate(rows[0], rows[1], sl, cfg)
     assert est.tokens_per_s == pytest.approx(96 * 8 / 0.30)
-    kv = 2 * L * (96 * 8) * (512 + 256) * 8 * 128 * 2  # bytes, bf16 cache, no mesh: one shard
+    # bytes, bf16 cache, no mesh: one shard. The shared-prefix layout (N = 8) reads each prompt's 512 slots once
+    # and each row's 256 new slots; eval (N = 1) and the repeated layout read every row's whole cache
+    slot = 2 * L * 8 * 128 * 2
+    kv = slot * (96 * 512 + 96 * 8 * 256)
     assert est.bytes_read["kv"] == kv and est.bytes_read["weights"] == 2 * n_matmul
+    assert rows[2].info["bytes_read"]["kv"] == slot * 64 * (512 + 512)
+    assert decode_bytes_read(mcfg, 96, 8, 512, 768, None, shared_prefix=False)["kv"] == slot * 96 * 8 * 768
     assert est.roofline == pytest.approx((2 * n_matmul + kv) / 819e9 / (0.30 / 4))
     assert est.roofline_step == pytest.approx((2 * n_matmul + kv) / 819e9 / 0.30)
 

@@ -8,7 +8,9 @@ compiled. The assumptions are the printed ones (:data:`ASSUMPTIONS`):
   an upper bound) and every prompt fills the prompt bucket;
 - a decode step reads, per chip, the compute-dtype weights it multiplies with (all of them under FSDP: they are gathered
   each step; 1 / tensor of them with a tensor axis) and its shard of the KV cache, every slot (the kernels attend over
-  the whole static cache): ``bytes = 2 N_matmul c / t + KV(rows, S) / (b t_kv)``. The compiled program's
+  the whole static cache): ``bytes = 2 N_matmul c / t + KV / (b t_kv)``, with ``KV = KV(B, P) + KV(B N, S - P)``
+  in the sampler's shared-prefix layout (N > 1: a prompt's slots are read once per group) and ``KV(B N, S)``
+  otherwise. The compiled program's
   ``cost_analysis()`` counts the layer scan's body once and the TPU HLO carries no per-instruction byte counts, so the
   bytes come from this arithmetic (the column says so), not from the compiler;
 - HBM roofline fraction = (bytes / HBM bandwidth) / the compiler's compute estimate for the step, and / the estimated
@@ -23,10 +25,11 @@ import math
 
 ASSUMPTIONS = ("responses run to max_new_tokens and prompts fill the prompt bucket (an upper bound: the loop ends "
                "early only when a whole batch has stopped); bytes read per decode step = the compute-dtype weights "
-               "each chip multiplies with (gathered under FSDP) + its KV-cache shard, every slot (arithmetic: "
-               "cost_analysis() counts the scanned layer once); HBM roofline = those bytes / HBM bandwidth, as a "
-               "fraction of the compiler's compute estimate (of the est. step in brackets); forward passes outside "
-               "a step (RM scoring, a precomputed reference) at the FLOP rate of that model's compiled train step")
+               "each chip multiplies with (gathered under FSDP) + its KV-cache shard, every slot, a shared prompt's "
+               "slots once per group (arithmetic: cost_analysis() counts the scanned layer once); HBM roofline = "
+               "those bytes / HBM bandwidth, as a fraction of the compiler's compute estimate (of the est. step in "
+               "brackets); forward passes outside a step (RM scoring, a precomputed reference) at the FLOP rate of "
+               "that model's compiled train step")
 
 
 # ---- decode batch: the largest that fits ------------------------------------------------------------------------
@@ -43,8 +46,13 @@ def largest_batch(fits, shards: int, cap: int) -> int:
     return lo * shards
 
 
-def decode_bytes_read(mcfg, rows: int, cache_len: int, mesh, cache_dtype=None) -> dict[str, float]:
-    """Bytes one chip reads from HBM per decode step (module docstring): weights + its KV-cache shard."""
+def decode_bytes_read(mcfg, prompts: int, samples: int, prompt_len: int, cache_len: int, mesh,
+                      cache_dtype=None, shared_prefix: bool = True) -> dict[str, float]:
+    """Bytes one chip reads from HBM per decode step (module docstring): weights + its KV-cache shard.
+
+    The KV read follows the sampler's layout (``jaxalign.sampling.memory.sampling_bytes_per_device``): with the shared
+    prefix (``samples > 1``) each prompt's ``prompt_len`` slots once and each row's ``cache_len - prompt_len`` new
+    slots, else ``prompts x samples`` rows of ``cache_len`` slots."""
     import jax.numpy as jnp
 
     from jaxalign.flops import matmul_params
@@ -53,7 +61,13 @@ def decode_bytes_read(mcfg, rows: int, cache_len: int, mesh, cache_dtype=None) -
 
     tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
     weights = matmul_params(mcfg) * jnp.dtype(mcfg.dtype).itemsize / tensor
-    kv = kv_cache_bytes(mcfg, rows, cache_len, cache_dtype) / (batch_shards(mesh) * kv_head_shards(mcfg, mesh))
+    rows = prompts * samples
+    if shared_prefix and samples > 1:
+        kv = (kv_cache_bytes(mcfg, prompts, prompt_len, cache_dtype)
+              + kv_cache_bytes(mcfg, rows, cache_len - prompt_len, cache_dtype))
+    else:
+        kv = kv_cache_bytes(mcfg, rows, cache_len, cache_dtype)
+    kv /= batch_shards(mesh) * kv_head_shards(mcfg, mesh)
     return {"weights": weights, "kv": kv, "total": weights + kv}
 
 

@@ -84,7 +84,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
         pre = PhaseRow(f"{label}: prefill", detail, hbm=sl.chip.hbm)
         pre.info = dict(label=label, prompts=prompts, samples=n, batch=B, batch_source=how, largest_batch=largest,
                         unshared_batch=unshared, max_new=max_new, prompt_len=P, cache_len=cache_len,
-                        bytes_read=decode_bytes_read(scfg, B * n, cache_len, mesh, cdt))
+                        bytes_read=decode_bytes_read(scfg, B, n, P, cache_len, mesh, cdt, shared_layout))
         pre.params, pre.outside = compiled_bytes(params), outside
 
         def prefill_fn(*a):
