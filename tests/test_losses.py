@@ -362,6 +362,9 @@ def test_token_logprobs_out_of_range_targets_are_finite_and_maskable():
     ignored = np.where(mask, targets, -100)  # HF's ignore index at masked positions
     lp = L.token_logprobs(logits, ignored)
     assert np.isfinite(lp).all()
+    x = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    close(np.asarray(lp)[~mask], -lse[~mask])  # the docstring's promise: -logsumexp where the target is out of range
     close(L.sequence_logprobs(lp, mask), (np_token_logprobs(logits, targets) * mask).sum(-1))
 
 
