@@ -38,19 +38,15 @@ def activation(name: str, x):
 
 
 def rope(x, positions, inv_freq, rotary_dim):
-    """Rotate the first ``rotary_dim`` features of each head (rotate-half convention, as transformers).
-
-    Written per half, ``[x1 cos - x2 sin, x2 cos + x1 sin]``, rather than as ``x cos + rotate_half(x) sin``: the same
-    float32 products and sums, but no rotated copy of ``x`` (a negate, two slices and a concatenation per call, and
-    their transposes in the backward; the effect measured: docs/performance.md)."""
+    """Rotate the first ``rotary_dim`` features of each head (rotate-half convention, as transformers)."""
     ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rot/2]
-    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]  # [B, T, 1, rot/2]
+    emb = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:rotary_dim].astype(jnp.float32)
-    parts = [(x1 * cos + (-x2) * sin).astype(x.dtype), (x2 * cos + x1 * sin).astype(x.dtype)]
-    if x.shape[-1] > rotary_dim:
-        parts.append(x[..., rotary_dim:])
-    return jnp.concatenate(parts, axis=-1)
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return jnp.concatenate([x_rot, x_pass], axis=-1) if x_pass.shape[-1] else x_rot
 
 
 def attention(q, k, v, mask, dtype, causal_block: int | None = None):
