@@ -15,8 +15,9 @@ import torch
 from hf_models import make_hf_model
 
 from jaxalign.models import KVCache, from_pretrained
-from jaxalign.sampling import (DecodeMode, bucket_length, compile_cache_size, generate, generate_from_params,
-                               kv_cache_bytes, plan_batch_size, sampling_bytes_per_device, stop_id_buffer)
+from jaxalign.sampling import (DecodeMode, bucket_length, compile_cache_size, compiled_functions, compiled_peak_bytes,
+                               generate, generate_from_params, kv_cache_bytes, plan_batch_size, sampler,
+                               sampling_bytes_per_device, stop_id_buffer)
 from jaxalign.sharding import make_mesh
 
 MAX_NEW = 12
@@ -363,8 +364,6 @@ def test_memory_plan_bounds_what_xla_allocates(llama, dist_runs, shared):
     """The planned prefill / decode peaks bound what XLA allocates (memory_analysis() of the functions the
     distribution runs compiled: 1 prompt x 2048 samples, a cache-dominated shape), for the shared-prefix layout (the
     default) and the repeated cache; the total is within 1.5x of the real peak."""
-    from jaxalign.sampling import compiled_functions
-
     cfg = llama[1].cfg
     if not shared:  # the same shape and settings as the top-p distribution run, with the repeated cache
         generate(llama[1], [DIST_PROMPT], max_new_tokens=2, temperature=TEMPERATURE, num_samples=N_DIST, seed=7,
@@ -373,8 +372,9 @@ def test_memory_plan_bounds_what_xla_allocates(llama, dist_runs, shared):
     for key, compiled in compiled_functions().items():  # key: (kind, cfg, params, ids shape, N, cache length, ...)
         if (key[0] in ("prefill", "decode") and key[3] == (1, 16) and key[4] == N_DIST and ("use_top_p", True) in key
                 and ("shared_prefix", shared) in key):
-            found[key[0]] = (compiled.memory_analysis(), key[5])
-    (pm, s), (dm, _) = found["prefill"], found["decode"]
+            found[key[0]] = (compiled, key[5])
+    (pc, s), (dc, _) = found["prefill"], found["decode"]
+    pm, dm = pc.memory_analysis(), dc.memory_analysis()
     # the cache the decode loop carries: prefix KV(1 prompt, 16) + suffix KV(2048 rows, new), or KV(2048 rows, S)
     kv = kv_cache_bytes(cfg, 1, 16) + kv_cache_bytes(cfg, N_DIST, s - 16) if shared else kv_cache_bytes(cfg, N_DIST, s)
     plan = sampling_bytes_per_device(cfg, prompts_per_batch=1, num_samples=N_DIST, prompt_len=16, cache_len=s,
@@ -385,3 +385,43 @@ def test_memory_plan_bounds_what_xla_allocates(llama, dist_runs, shared):
     assert actual_prefill <= plan["prefill"] and actual_decode <= plan["decode"], (actual_prefill, actual_decode, plan)
     peak = max(actual_prefill, actual_decode)
     assert peak <= plan["total"] <= 1.5 * peak, (peak, plan)
+    # what the sampler checks a planned batch against (the cache plus the decode state it carries): also bounded by
+    # the plan on CPU, so a planned batch is never shrunk here
+    assert peak <= compiled_peak_bytes(pc, dc) <= plan["total"], (compiled_peak_bytes(pc, dc), peak, plan)
+
+
+def _compiled_pair(batch: int, n: int) -> tuple:
+    """The compiled (prefill, decode) of the sampled (temperature > 0, no top-k / top-p), one-device, 4-prompt-bucket
+    runs below with ``batch`` prompts x ``n`` samples."""
+    found = {}
+    for key, compiled in compiled_functions().items():
+        if (key[3] == (batch, 16) and key[4] == n and key[5] == 16 + bucket_length(MAX_NEW) and ("greedy", False) in key
+                and ("top_k", 0) in key and ("use_top_p", False) in key and ("mesh", None) in key):
+            found.setdefault(key[0], []).append(compiled)
+    assert len(found["prefill"]) == len(found["decode"]) == 1, found
+    return found["prefill"][0], found["decode"][0]
+
+
+def test_planned_batch_that_does_not_fit_compiled_is_shrunk_before_it_runs(llama, monkeypatch):
+    """When the shape-based plan allows more than the compiled programs fit (as on TPU, where the 7B plans' compiled
+    decode held about a second copy of the cache), the sampler shrinks the batch by XLA's own bytes before running
+    anything; the samples do not depend on the batch."""
+    _, model = llama
+    params, cfg = model.param_dict(), model.cfg
+    kw = dict(max_new_tokens=MAX_NEW, temperature=1.0, seed=3, num_samples=2, stop_at_eos=False, show_progress=False)
+    full = generate_from_params(params, cfg, PROMPTS, batch_size=4, **kw)  # not planned: never checked
+    generate_from_params(params, cfg, PROMPTS, batch_size=2, **kw)
+    need = {b: compiled_peak_bytes(*_compiled_pair(b, 2)) for b in (4, 2)}
+    assert need[2] < need[4]
+    monkeypatch.setattr(sampler, "plan_batch_size", lambda *a, **k: 4)  # the shape plan says all 4 prompts fit
+    budget = (need[2] + need[4]) // 2
+    res = generate_from_params(params, cfg, PROMPTS, memory_budget_bytes=budget, **kw)
+    b = res.stats.prompts_per_batch
+    assert res.stats.shrunk_from == 4 and 2 <= b < 4 and res.stats.num_batches == math.ceil(4 / b)
+    assert compiled_peak_bytes(*_compiled_pair(b, 2)) <= budget
+    assert res.tokens == full.tokens
+    for got, want in zip(res.logprobs, full.logprobs):
+        np.testing.assert_allclose(got, want, atol=1e-4)  # other batch shapes
+    # a budget not even one prompt fits by the compiled bytes: refused with the numbers, nothing run
+    with pytest.raises(ValueError, match="memory_analysis"):
+        generate_from_params(params, cfg, PROMPTS, memory_budget_bytes=need[2] // 100, **kw)

@@ -56,6 +56,9 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     params = load_policy(ctx, ctx.workdir.policy_model(phase.round - 1))
     res = draw(ctx, params, prompts, num_samples=n, temperature=cfg.sample.temperature,
                max_new_tokens=cfg.sample.max_new_tokens, seed=cfg.run.seed * 7919 + phase.round)
+    if res.stats.shrunk_from:
+        print(f"[{phase.name}] sampling batch: {res.stats.shrunk_from} prompts x {n} (the memory plan) did not fit "
+              f"as compiled; {res.stats.prompts_per_batch} x {n} per batch (sample.batch_size sets it)")
     out = {"row_ids": [e.row_id for e in rows], "num_samples": n, "samples": res.grouped_tokens}
     metrics = {"tokens_per_second": res.stats.tokens_per_s, "samples": len(res.tokens),
                "mean_length": float(np.mean([len(t) for t in res.tokens]))}

@@ -28,7 +28,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     from jaxalign import sharding
     from jaxalign.flops import flops_per_token
     from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
-    from jaxalign.sampling.memory import sampling_bytes_per_device
+    from jaxalign.sampling.memory import sampling_bytes_per_device, shrunk_batch
     from jaxalign.sampling.sampler import bucket_length, stop_id_buffer
 
     scfg = mcfg.replace(remat="none")
@@ -50,7 +50,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
     prompts = cfg.eval.num_prompts if phase == "eval" else (cfg.sample.limit or 10_000)
     # the decode batch that fills the HBM left after the weights (the compute-dtype copies and the loaded masters):
     # the largest multiple of the batch shards whose sampling_bytes_per_device fits FIT_MARGIN of the chip, with no
-    # row cap (the run-time sampler caps a batch at 256 rows: generate(max_rows=256))
+    # row cap (as the run-time sampler on an accelerator; it caps a batch at 256 rows on CPU only)
     budget = int(FIT_MARGIN * sl.chip.hbm - outside - compiled_bytes(params))
     size = dict(prompt_len=P, cache_len=cache_len, num_samples=n, mesh=mesh, cache_dtype=cdt)
     largest = largest_batch(lambda b: sampling_bytes_per_device(scfg, prompts_per_batch=b, **size)["total"] <= budget,
@@ -129,7 +129,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
         if cfg.sample.batch_size or attempt == 2 or worst.total <= FIT_MARGIN * worst.hbm:
             return rows
         fixed = worst.params + worst.outside
-        smaller = int(B * (FIT_MARGIN * worst.hbm - fixed) / max(worst.total - fixed, 1.0)) // shards * shards
+        smaller = shrunk_batch(B, worst.total - fixed, FIT_MARGIN * worst.hbm - fixed, shards)
         if not 0 < smaller < B:
             return rows
         B, how = smaller, f"planned: {largest} did not fit compiled, shrunk to the compiled bytes"

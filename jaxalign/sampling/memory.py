@@ -117,6 +117,34 @@ def default_budget_bytes(params: Any = None) -> int:
     return int(min(ram // 4 // max(1, jax.local_device_count()), 8 * GiB))
 
 
+def compiled_peak_bytes(prefill, decode) -> int | None:
+    """Peak bytes per device of one sampler batch by XLA's own accounting of its compiled prefill and decode
+    (``memory_analysis()``; parameters excluded, they are resident before and after):
+
+    - prefill: its outputs (the KV cache and the decode state it hands on) + its temporaries;
+    - decode:  those same buffers (its donated arguments) + its temporaries + outputs not aliased to a donated buffer.
+
+    What :func:`sampling_bytes_per_device` models from shapes (tests/test_sampling.py checks that it bounds these on
+    CPU); an accelerator's compiler may need more (the 7B plans in docs/plan.md needed about a second cache copy on
+    TPU), which is why the sampler checks a planned batch against this before running it."""
+    pm, dm = prefill.memory_analysis(), decode.memory_analysis()
+    if pm is None or dm is None:  # a backend without the analysis
+        return None
+    carried = pm.output_size_in_bytes
+    return max(carried + pm.temp_size_in_bytes,
+               carried + dm.temp_size_in_bytes + dm.output_size_in_bytes - dm.alias_size_in_bytes)
+
+
+def shrunk_batch(batch: int, need_bytes: float, budget_bytes: float, shards: int) -> int:
+    """The batch scaled by ``budget / need`` (the part of the bytes that grows with the batch), rounded down to a
+    multiple of ``shards``: the next size to try when a compiled batch needs more than it may use. 0 when not even
+    ``shards`` prompts would fit by that scaling. Used by the sampler at run time and by ``--plan``, so both shrink
+    alike."""
+    if need_bytes <= budget_bytes:
+        return batch
+    return max(int(batch * max(budget_bytes, 0) / max(need_bytes, 1.0)) // shards * shards, 0)
+
+
 def plan_batch_size(cfg: ModelConfig, *, num_prompts: int, prompt_len: int, cache_len: int, num_samples: int = 1,
                     budget_bytes: int, mesh=None, cache_dtype: Any = None, max_rows: int = 256,
                     shared_prefix: bool | None = None) -> int:

@@ -22,6 +22,7 @@ class SamplingStats:
     compiles: int = 0
     wall_s: float = 0.0             # the whole call, compile included
     buckets: list = dataclasses.field(default_factory=list)  # (prompt bucket, cache length) per batch
+    shrunk_from: int = 0            # prompts per batch the shape-based plan chose, when XLA's compiled bytes shrank it
 
     @property
     def tokens_per_s(self) -> float:

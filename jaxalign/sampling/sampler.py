@@ -35,7 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import LOGICAL_AXES
 from jaxalign.sampling.kernels import CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
-from jaxalign.sampling.memory import default_budget_bytes, plan_batch_size
+from jaxalign.sampling.memory import (GiB, compiled_peak_bytes, default_budget_bytes, plan_batch_size,
+                                      shrunk_batch)
 from jaxalign.sampling.results import GenerationResult, SamplingStats
 from jaxalign.sharding import activate, batch_shards, global_array, named_sharding, to_host
 
@@ -190,7 +191,7 @@ def _model_parts(model, cfg):
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_ids: Sequence[int] = (), seed: int = 0, num_samples: int = 1, cfg: ModelConfig | None = None,
              stop_at_eos: bool = True, mesh: Mesh | None = None, batch_size: int | None = None,
-             memory_budget_bytes: int | None = None, max_rows: int = 256, show_progress: bool = True,
+             memory_budget_bytes: int | None = None, max_rows: int | None = None, show_progress: bool = True,
              prompt_buckets: Sequence[int] | None = None, length_buckets: Sequence[int] | None = None,
              cache_dtype: Any = None, shared_prefix: bool | None = None) -> GenerationResult:
     """Sample continuations of ragged ``prompts`` (lists of token ids) from a causal LM.
@@ -216,7 +217,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
     Other options: ``mesh`` (default: the mesh the params live on, else one device) shards rows over data x fsdp and KV
     heads over tensor; ``batch_size`` prompts per batch (default: :func:`~jaxalign.sampling.memory.plan_batch_size`
     with ``memory_budget_bytes`` per device, default 90% of free device memory, and at most ``max_rows`` rows of
-    prompts x samples); ``prompt_buckets`` / ``length_buckets`` the padded prompt / new-token lengths to compile for
+    prompts x samples, default 256 on CPU and no cap on accelerators; a planned batch is then checked against what
+    XLA compiled for it, :func:`~jaxalign.sampling.memory.compiled_peak_bytes`, and shrunk until that fits the
+    budget, before anything runs); ``prompt_buckets`` / ``length_buckets`` the padded prompt / new-token lengths to compile for
     (default powers of two from 16); ``cache_dtype`` the KV-cache dtype (default the config's compute dtype);
     ``shared_prefix`` the KV-cache layout (default: shared when ``num_samples > 1``; see
     :mod:`jaxalign.sampling.kernels`): a prompt's K/V stored once for its samples, each sample keeping only its own
@@ -234,10 +237,10 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
 def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, max_new_tokens: int,
                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (),
                          seed: int = 0, num_samples: int = 1, stop_at_eos: bool = True, mesh: Mesh | None = None,
-                         batch_size: int | None = None, memory_budget_bytes: int | None = None, max_rows: int = 256,
-                         show_progress: bool = True, prompt_buckets: Sequence[int] | None = None,
-                         length_buckets: Sequence[int] | None = None, cache_dtype: Any = None,
-                         shared_prefix: bool | None = None) -> GenerationResult:
+                         batch_size: int | None = None, memory_budget_bytes: int | None = None,
+                         max_rows: int | None = None, show_progress: bool = True,
+                         prompt_buckets: Sequence[int] | None = None, length_buckets: Sequence[int] | None = None,
+                         cache_dtype: Any = None, shared_prefix: bool | None = None) -> GenerationResult:
     """:func:`generate` on a parameter dict and its config (same arguments and result)."""
     t_start = time.perf_counter()
     prompts, stops = _check(cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -261,8 +264,11 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     out_len = bucket_length(max_new_tokens, length_buckets, what="length")
     max_prompt_bucket = bucket_length(max(len(p) for p in prompts), prompt_buckets, what="prompt")
     shards = batch_shards(mesh)
-    if batch_size is None:
+    planned = batch_size is None
+    if planned:
         budget = memory_budget_bytes if memory_budget_bytes is not None else default_budget_bytes(params)
+        if max_rows is None:  # CPU keeps a cap: its steps grow with the rows, so bigger batches mostly add memory
+            max_rows = 256 if jax.default_backend() == "cpu" else n_prompts * n
         batch_size = plan_batch_size(cfg, num_prompts=n_prompts, prompt_len=max_prompt_bucket,
                                      cache_len=max_prompt_bucket + out_len, num_samples=n, budget_bytes=budget,
                                      mesh=mesh, cache_dtype=cache_dtype, max_rows=max_rows, shared_prefix=shared)
@@ -305,38 +311,76 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
         bar = tqdm(total=n_prompts * n, desc="sampling", unit="sample", disable=not show_progress, leave=False)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         bar = contextlib.nullcontext()
+    def batch_inputs(members: list[int], size: int):
+        """The batch's prompt bucket and its left-padded ids, mask, prompt indices and valid rows (host arrays)."""
+        p_len = bucket_length(max(len(prompts[i]) for i in members), prompt_buckets, what="prompt")
+        ids = np.full((size, p_len), pad_id, np.int32)
+        mask = np.zeros((size, p_len), np.int32)
+        prompt_idx = np.zeros((size,), np.int32)
+        valid = np.zeros((size,), np.bool_)
+        for bi in range(size):
+            pi = members[bi] if bi < len(members) else members[0]  # filler rows: a copy, finished at once
+            ids[bi, p_len - len(prompts[pi]):] = prompts[pi]
+            mask[bi, p_len - len(prompts[pi]):] = 1
+            prompt_idx[bi] = pi
+            valid[bi] = bi < len(members)
+        return p_len, ids, mask, prompt_idx, valid
+
+    def programs(p_len: int, args):
+        """The compiled prefill and decode for a batch shaped like ``args`` (the decode from the prefill's output
+        shapes, so both exist before either runs)."""
+        cache_len, ids = p_len + out_len, args[1]
+        key = ("prefill", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), *static_key)
+        fn = lambda *a: prefill(*a, cfg=cfg, num_samples=n, cache_len=cache_len,  # noqa: E731
+                                cache_dtype=cache_dtype, shared_prefix=shared, **settings)
+        run_prefill, dt = _compile(key, fn, args, mesh)
+        stats.compile_s += dt
+        stats.compiles += dt > 0
+        dspecs = (params, *run_prefill.out_info, temp_a, top_p_a, max_new_a, stop_a)
+        key = ("decode", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), out_len, stop_host.shape,
+               *static_key)
+        fn = lambda *a: decode(*a, cfg=cfg, prompt_len=p_len, out_len=out_len, **settings)  # noqa: E731
+        run_decode, dt = _compile(key, fn, dspecs, mesh, donate=(1,))
+        stats.compile_s += dt
+        stats.compiles += dt > 0
+        return run_prefill, run_decode
+
+    def device_args(ids, mask, prompt_idx, valid):
+        return (params, _put(ids, mesh), _put(mask, mesh), _put(prompt_idx, mesh), _put(valid, mesh), seed_a, temp_a,
+                top_p_a)
+
+    if planned:
+        # The plan above is shape arithmetic checked against XLA on CPU; an accelerator's compiler may need more (on
+        # TPU the 7B plans needed about a second cache copy). Before anything runs, check the first batch (the
+        # longest prompts: the largest bucket) by what XLA compiled, and shrink the batch until it fits the budget.
+        for _ in range(3):
+            p_len, *host = batch_inputs(order[:batch_size], batch_size)
+            need = compiled_peak_bytes(*programs(p_len, device_args(*host)))
+            if need is None:
+                break
+            smaller = shrunk_batch(batch_size, need, budget, shards)
+            if smaller == batch_size:
+                break
+            if smaller == 0:
+                raise ValueError(
+                    f"sampling: one batch of {shards} prompt(s) x {n} sample(s) (prompt bucket {p_len} + {out_len} "
+                    f"new tokens) compiles to {need * shards / batch_size / GiB:.2f} GiB per device by XLA's "
+                    f"memory_analysis(), over the budget of {budget / GiB:.2f} GiB (the shape-based plan allowed "
+                    f"{batch_size} prompts). Lower max_new_tokens, num_samples or the prompt length, use a mesh with "
+                    f"more devices, or pass batch_size / memory_budget_bytes.")
+            stats.shrunk_from = stats.shrunk_from or batch_size
+            batch_size = smaller
+        stats.prompts_per_batch, stats.rows_per_batch = batch_size, batch_size * n
     with bar:
         for start in range(0, n_prompts, batch_size):
             members = order[start:start + batch_size]
-            p_len = bucket_length(max(len(prompts[i]) for i in members), prompt_buckets, what="prompt")
+            p_len, ids, mask, prompt_idx, valid = batch_inputs(members, batch_size)
+            stats.prompt_tokens += sum(len(prompts[i]) for i in members)
+            args = device_args(ids, mask, prompt_idx, valid)
+            run_prefill, run_decode = programs(p_len, args)
             cache_len = p_len + out_len
-            ids = np.full((batch_size, p_len), pad_id, np.int32)
-            mask = np.zeros((batch_size, p_len), np.int32)
-            prompt_idx = np.zeros((batch_size,), np.int32)
-            valid = np.zeros((batch_size,), np.bool_)
-            for bi in range(batch_size):
-                pi = members[bi] if bi < len(members) else members[0]  # filler rows: a copy, finished at once
-                ids[bi, p_len - len(prompts[pi]):] = prompts[pi]
-                mask[bi, p_len - len(prompts[pi]):] = 1
-                prompt_idx[bi] = pi
-                valid[bi] = bi < len(members)
-                stats.prompt_tokens += len(prompts[pi]) if bi < len(members) else 0
-            args = (params, _put(ids, mesh), _put(mask, mesh), _put(prompt_idx, mesh), _put(valid, mesh), seed_a,
-                    temp_a, top_p_a)
-            key = ("prefill", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), *static_key)
-            fn = lambda *a: prefill(*a, cfg=cfg, num_samples=n, cache_len=cache_len,  # noqa: E731
-                                    cache_dtype=cache_dtype, shared_prefix=shared, **settings)
-            run_prefill, dt = _compile(key, fn, args, mesh)
-            stats.compile_s += dt
-            stats.compiles += dt > 0
             cache, state = run_prefill(*args)
             dargs = (params, cache, state, temp_a, top_p_a, max_new_a, stop_a)
-            key = ("decode", cfg, param_key, ids.shape, n, cache_len, str(cache_dtype), out_len, stop_host.shape,
-                   *static_key)
-            fn = lambda *a: decode(*a, cfg=cfg, prompt_len=p_len, out_len=out_len, **settings)  # noqa: E731
-            run_decode, dt = _compile(key, fn, dargs, mesh, donate=(1,))
-            stats.compile_s += dt
-            stats.compiles += dt > 0
             outputs, cache = run_decode(*dargs)
             del cache, state, dargs
             stats.num_batches += 1
