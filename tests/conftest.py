@@ -25,26 +25,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA} (set JAXALIGN_SHARED_DATA)")
     return SHARED_DATA
-
-
-def pytest_configure(config):
-    """Under pytest-xdist, hand tests to the workers one at a time (``--maxschedchunk 1``) rather than in chunks of
-    a quarter of the suite each: with the order below, a chunk would give one worker all the long tests."""
-    if getattr(config.option, "maxschedchunk", 0) is None:
-        config.option.maxschedchunk = 1
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run the modules that hold ``slow`` tests first, and a module's slow tests before its others.
-
-    pytest-xdist hands tests out in this order (one at a time, above), so the long end-to-end runs start first and the
-    suite ends on short tests rather than on one worker finishing a 9-minute test alone. Modules stay contiguous in
-    each worker's share, so a module-scoped fixture is still built once per worker."""
-    def is_slow(item) -> bool:
-        return item.get_closest_marker("slow") is not None
-
-    modules: dict = {}
-    for item in items:
-        modules.setdefault(item.module.__name__, []).append(item)
-    ordered = sorted(modules.values(), key=lambda group: not any(map(is_slow, group)))  # stable: file order kept
-    items[:] = [item for group in ordered for item in sorted(group, key=lambda item: not is_slow(item))]

@@ -262,13 +262,20 @@ _SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
+    from jax.sharding import Mesh
 
     from jaxalign import distributed
+    from jaxalign.sampling.memory import agreed_budget_bytes
 
     cluster = distributed.initialize("on")
     ids = multihost_utils.process_allgather(np.array([jax.process_index()]))
+    # the sampler's memory budget: this process's own (1 or 2 GiB + a little) on a mesh of its own devices, the
+    # smallest (rounded down to MiB) on a mesh over both processes
+    own = (1 + jax.process_index()) * 2**30 + 12345
+    budgets = [agreed_budget_bytes(own, Mesh(np.array(d), ("data",))) for d in (jax.devices(), jax.local_devices())]
     fields = (cluster.num_processes, jax.process_count(), jax.process_index(), jax.device_count(),
-              jax.local_device_count(), jax.config.jax_cpu_collectives_implementation, sorted(ids.ravel().tolist()))
+              jax.local_device_count(), jax.config.jax_cpu_collectives_implementation, sorted(ids.ravel().tolist()),
+              *budgets)
     # one write: gloo's C++ logging shares the descriptor, and print's pieces once let it in mid-line
     sys.stdout.write("RESULT " + " ".join(map(str, fields)) + "\\n")
     sys.stdout.flush()
@@ -296,5 +303,7 @@ def test_two_real_processes_on_cpu(tmp_path):
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, (out + err)[-3000:]
         result = next(line for line in out.splitlines() if line.startswith("RESULT"))
-        # 2 processes of 2 CPU devices each: 4 global devices, a gloo all-gather that saw both process ids
-        assert result == f"RESULT 2 2 {i} 4 2 gloo [0, 1]", (out + err)[-3000:]
+        # 2 processes of 2 CPU devices each: 4 global devices, a gloo all-gather that saw both process ids; the
+        # budgets: process 0's 1 GiB agreed by both, each its own on its own devices
+        own = (1 + i) * 2**30 + 12345
+        assert result == f"RESULT 2 2 {i} 4 2 gloo [0, 1] {2**30} {own}", (out + err)[-3000:]

@@ -117,6 +117,19 @@ def default_budget_bytes(params: Any = None) -> int:
     return int(min(ram // 4 // max(1, jax.local_device_count()), 8 * GiB))
 
 
+def agreed_budget_bytes(budget_bytes: int, mesh=None) -> int:
+    """The smallest of the processes' budgets when ``mesh`` spans several processes (else ``budget_bytes``): every
+    process must plan the same batch, i.e. compile the same programs, or the collectives in them would never meet,
+    and each measures its own free memory. A collective: every process of the mesh calls it, as they call the
+    sampler. Exchanged in MiB (int32 without jax's x64 mode)."""
+    if mesh is None or len({d.process_index for d in mesh.devices.flat}) < 2:
+        return budget_bytes
+    from jax.experimental import multihost_utils
+
+    mib = multihost_utils.process_allgather(np.asarray([budget_bytes // 2**20], np.int32))
+    return int(np.min(np.asarray(mib))) * 2**20
+
+
 def compiled_peak_bytes(prefill, decode) -> int | None:
     """Peak bytes per device of one sampler batch by XLA's own accounting of its compiled prefill and decode
     (``memory_analysis()``; parameters excluded, they are resident before and after):

@@ -35,8 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.decoder import LOGICAL_AXES
 from jaxalign.sampling.kernels import CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
-from jaxalign.sampling.memory import (GiB, compiled_peak_bytes, default_budget_bytes, plan_batch_size,
-                                      shrunk_batch)
+from jaxalign.sampling.memory import (GiB, agreed_budget_bytes, compiled_peak_bytes, default_budget_bytes,
+                                      plan_batch_size, shrunk_batch)
 from jaxalign.sampling.results import GenerationResult, SamplingStats
 from jaxalign.sharding import activate, batch_shards, global_array, named_sharding, to_host
 
@@ -267,6 +267,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
     planned = batch_size is None
     if planned:
         budget = memory_budget_bytes if memory_budget_bytes is not None else default_budget_bytes(params)
+        budget = agreed_budget_bytes(budget, mesh)
         if max_rows is None:  # CPU keeps a cap: its steps grow with the rows, so bigger batches mostly add memory
             max_rows = 256 if jax.default_backend() == "cpu" else n_prompts * n
         batch_size = plan_batch_size(cfg, num_prompts=n_prompts, prompt_len=max_prompt_bucket,
