@@ -219,9 +219,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
     with ``memory_budget_bytes`` per device, default 90% of free device memory, and at most ``max_rows`` rows of
     prompts x samples, default 256 on CPU and no cap on accelerators; a planned batch is then checked against what
     XLA compiled for it, :func:`~jaxalign.sampling.memory.compiled_peak_bytes`, and shrunk until that fits the
-    budget, before anything runs); ``prompt_buckets`` / ``length_buckets`` the padded prompt / new-token lengths to compile for
-    (default powers of two from 16); ``cache_dtype`` the KV-cache dtype (default the config's compute dtype);
-    ``shared_prefix`` the KV-cache layout (default: shared when ``num_samples > 1``; see
+    budget, before anything runs); ``prompt_buckets`` / ``length_buckets`` the padded prompt / new-token lengths to
+    compile for (default powers of two from 16); ``cache_dtype`` the KV-cache dtype (default the config's compute
+    dtype); ``shared_prefix`` the KV-cache layout (default: shared when ``num_samples > 1``; see
     :mod:`jaxalign.sampling.kernels`): a prompt's K/V stored once for its samples, each sample keeping only its own
     tokens' K/V — same tokens and log-probs (up to float rounding), a smaller cache and fewer bytes read per step.
     """
@@ -312,6 +312,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
         bar = tqdm(total=n_prompts * n, desc="sampling", unit="sample", disable=not show_progress, leave=False)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         bar = contextlib.nullcontext()
+
     def batch_inputs(members: list[int], size: int):
         """The batch's prompt bucket and its left-padded ids, mask, prompt indices and valid rows (host arrays)."""
         p_len = bucket_length(max(len(prompts[i]) for i in members), prompt_buckets, what="prompt")
