@@ -3,7 +3,10 @@
 - no module imports another module's ``_private`` name (``from jaxalign.x import _y`` or ``jaxalign.x._y``): a name
   needed elsewhere is public;
 - no import cycle between jaxalign modules (imports inside functions count: a lazy import only hides a cycle);
-- no module much past 400 lines.
+- no module much past 400 lines;
+- only ``jaxalign.train`` constructs a ``PhaseCheckpointer`` or a ``MetricsWriter`` (a call of the class, by its name,
+  an alias of it or ``module.Name``): a phase that opened its own would resume, stop and log by rules of its own, as
+  the on-policy phase once did, logging nothing to wandb whatever ``run.trackers`` said.
 """
 from __future__ import annotations
 
@@ -130,12 +133,40 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+ENGINE = "jaxalign.train"
+ENGINE_ONLY = ("PhaseCheckpointer", "MetricsWriter")
+
+
+def engine_constructions() -> list[str]:
+    """Calls of an ENGINE_ONLY class in a module outside ENGINE."""
+    found = []
+    for name, path in MODULES.items():
+        if name == ENGINE or name.startswith(ENGINE + "."):
+            continue
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   for a in node.names if a.name in ENGINE_ONLY}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = (aliases.get(func.id, func.id) if isinstance(func, ast.Name) else
+                      func.attr if isinstance(func, ast.Attribute) else None)
+            if called in ENGINE_ONLY:
+                found.append(f"{name}:{node.lineno} constructs {called}")
+    return found
+
+
 def test_no_module_imports_a_private_name():
     assert private_imports() == []
 
 
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+def test_only_the_training_engine_opens_checkpoints_and_metrics():
+    assert engine_constructions() == []
 
 
 def test_no_module_past_the_size_limit():
@@ -159,6 +190,36 @@ def test_checks_catch_a_private_import_and_a_cycle(tmp_path, monkeypatch):
     assert any("jaxalign.a:1 imports jaxalign.b._hidden" in f for f in found)
     assert any("jaxalign.sub.c:2 uses jaxalign.b._hidden" in f for f in found)
     assert cycles(import_graph()) == [["jaxalign.a", "jaxalign.b"]]
+
+
+def test_check_catches_a_checkpointer_or_writer_built_outside_train(tmp_path, monkeypatch):
+    pkg = tmp_path / "jaxalign"
+    for sub in ("pipeline", "train"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pipeline" / "own_loop.py").write_text(
+        "from jaxalign import checkpoint as ck\n"
+        "from jaxalign.metrics import MetricsWriter as Writer\n"
+        "def run(d):\n"
+        "    c = ck.PhaseCheckpointer(d / 'checkpoints')\n"
+        "    return c, Writer(d / 'tb', total_steps=1, desc='x')\n")
+    (pkg / "pipeline" / "phase.py").write_text(  # names the classes, constructs neither
+        "from jaxalign.checkpoint import PhaseCheckpointer\n"
+        "from jaxalign.metrics import MetricsWriter, read_metrics\n"
+        "from jaxalign.train.run import train\n"
+        "def run(d, w: MetricsWriter) -> PhaseCheckpointer:\n"
+        "    isinstance(w, MetricsWriter)\n"
+        "    return train(d), read_metrics(d)\n")
+    (pkg / "train" / "run.py").write_text(
+        "from jaxalign.checkpoint import PhaseCheckpointer\n"
+        "from jaxalign.metrics import MetricsWriter\n"
+        "def train(d):\n"
+        "    return PhaseCheckpointer(d), MetricsWriter(d, total_steps=1, desc='x')\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", {_module_name(p): p for p in sorted(pkg.rglob("*.py"))})
+    assert engine_constructions() == ["jaxalign.pipeline.own_loop:4 constructs PhaseCheckpointer",
+                                      "jaxalign.pipeline.own_loop:5 constructs MetricsWriter"]
 
 
 @pytest.mark.parametrize("graph, expected", [

@@ -6,6 +6,8 @@
 - The logged metrics keep their definitions: objective/rlhf_reward = scores - kl_coef * kl (RLOO, PPO), the first
   update of a rollout batch is at ratio 1 (clipfrac 0 with one inner epoch), PPO logs value metrics.
 - A phase stopped after some rollout batches and run again resumes from its checkpoint to the same final weights.
+- The phase logs through the phase settings' trackers like every training phase: with ``run.trackers=tensorboard,wandb``
+  the wandb run holds what tensorboard holds, every ``run.logging_steps``-th rollout batch and the last.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from jaxalign.pipeline.context import build_context
 from jaxalign.pipeline.demo_task import gold_score
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.runner import Pipeline
+from test_trackers import offline_wandb, read_tensorboard, read_wandb  # noqa: F401  (offline_wandb: a fixture)
 
 BASE = ["run.show_progress=false", "run.rounds=1", "sample.max_new_tokens=8", "sample.temperature=1.0",
         "policy.learning_rate=5e-4", "policy.schedule=constant", "policy.warmup_ratio=0", "policy.kl_coef=0.01",
@@ -180,3 +183,26 @@ def test_rloo_and_ppo_train_lora_adapters_on_the_frozen_base(demo):
         assert not any("value" in k for k in merged)
         conf = json.loads((where / "adapter" / "adapter_config.json").read_text())
         assert conf["r"] == 4 and conf["lora_alpha"] == 8.0
+
+
+def test_onpolicy_metrics_reach_every_tracker(demo, offline_wandb):
+    pytest.importorskip("wandb")
+    ctx, _ = demo
+    saved = ctx.cfg.run
+    ctx.cfg.run = dataclasses.replace(saved, trackers="tensorboard,wandb", logging_steps=2, name="trackers",
+                                      wandb_project="jaxalign-test")
+    try:
+        _, rows, folder = _run(demo, "trackers", prompts=32, kind="rloo", num_samples=4, rollout_batch_size=32,
+                               batch_size=16, max_steps=3, inner_epochs=1)
+    finally:
+        ctx.cfg.run = saved
+    (run_file,) = offline_wandb.glob("wandb/offline-run-*/run-*.wandb")
+    wb, tb = read_wandb(run_file), read_tensorboard(folder / "tb")
+    assert {step for _, step in tb} == {2, 3}  # every second rollout batch and the last
+    assert {"train/loss", "train/objective/scores", "train/objective/kl", "train/tokens_per_second"} <= {
+        key for key, _ in tb}
+    assert sorted(wb) == sorted(tb)
+    logged = {(f"train/{k}", r["step"]): v for r in rows for k, v in r.items() if k not in ("step", "split", "time")}
+    for key, value in wb.items():
+        assert value == pytest.approx(logged[key], rel=1e-12, abs=0), key  # wandb keeps the double
+        assert tb[key] == np.float32(value), key  # tensorboard's simple_value is a float32

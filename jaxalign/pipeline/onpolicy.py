@@ -13,25 +13,25 @@ For each rollout batch (``policy.rollout_batch_size`` sequences: P prompts x N s
 3. online_dil: (demonstration, fresh sample) pairs through the pair step with the DIL objective — DIL's future work
    (seeds/001): no reward model, the policy samples itself, so the round is ``policy,eval``.
 
-One logged step (TRL's ``objective/*``, ``policy/*``, ``val/*``) is one rollout batch. Resume: the train state is
-checkpointed every ``policy.save_every`` rollout batches; a rollout batch's prompts and sampling seed are functions of
-its index, so a resumed phase redoes the batches after the last checkpoint exactly as the first attempt did them.
+One logged step (TRL's ``objective/*``, ``policy/*``, ``val/*``) is one rollout batch. This module prepares the
+phase (weights, reference, reward, the rollouts); :func:`jaxalign.train.onpolicy_loop.train_onpolicy` runs it, and so
+resumes, checkpoints every ``policy.save_every`` rollout batches, logs to ``run.trackers`` and stops on preemption or
+a non-finite step as the pair phases do. Resume is exact: a rollout batch's prompts and sampling seed are functions
+of its index, so a resumed phase redoes the batches after the last checkpoint exactly as the first attempt did them.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from jaxalign import sharding
-from jaxalign.checkpoint import PhaseCheckpointer
 from jaxalign.config import ConfigError
 from jaxalign.data.loader import bucket_for, pad_pair_batch
 from jaxalign.data.tokenize import EncodedRecord
-from jaxalign.metrics import MetricsWriter, read_metrics
+from jaxalign.metrics import read_metrics
 from jaxalign.models.value import VALUE_HEAD, init_value_head, without_value_head
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.modelio import load_policy, load_reward, save_model
@@ -40,11 +40,9 @@ from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.sample import draw, prompts_of_round
 from jaxalign.pipeline.scoring import score_sequences
 from jaxalign.pipeline.training import lora_merged, lora_split
-from jaxalign.train.loop import NonFiniteError, Preempted, PreemptionGuard
+from jaxalign.train.onpolicy_loop import Rollout, train_onpolicy
 from jaxalign.train.onpolicy_steps import OnPolicySettings, make_rollout_advantages, make_rollout_logps
-from jaxalign.train.optim import make_optimizer
-from jaxalign.train.state import create_state
-from jaxalign.train.steps import StepConfig, make_eval_rewards, make_train_step
+from jaxalign.train.steps import StepConfig, make_eval_rewards
 
 # reward_fn(rows, responses) -> scores [len(rows)]: a fixed reward instead of the RM (tests: the demo's gold metric)
 RewardFn = Callable[[Sequence[EncodedRecord], Sequence[Sequence[int]]], np.ndarray]
@@ -99,29 +97,43 @@ def rollout_arrays(ctx: RunContext, rows, responses, length: int) -> dict[str, n
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
 
 
-class _Updater:
-    """The jitted pieces of the update, compiled on first use, and the mini-batch loop over one rollout batch."""
+def step_config(ctx: RunContext, *, base_is_reference: bool, seed: int) -> StepConfig:
+    """The update's step: the on-policy loss (rloo / grpo / ppo) or online DIL's pair step; with LoRA, on adapters
+    drawn from ``seed``. ``base_is_reference``: the LoRA base with the adapters off is the reference."""
+    p = ctx.cfg.policy
+    if p.kind == "online_dil":
+        uses = "base" if base_is_reference else "in_step"
+        step = p.step(reference_logps=uses if p.build_objective().uses_reference else "none")
+    else:
+        step = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=settings(ctx))
+    return step if ctx.lora is None else dataclasses.replace(step, lora=ctx.lora, seed=seed)
 
-    def __init__(self, ctx: RunContext, optimizer, schedule, state, ref_params, frozen=None, *, seed: int = 0):
-        """``frozen``: with LoRA, the base the state's adapters sit on; ``ref_params`` None then means the reference
-        is that base with the adapters off (no second copy of the weights)."""
-        self.ctx, self.optimizer, self.schedule, self.frozen = ctx, optimizer, schedule, frozen
-        self.ref = frozen if ref_params is None else ref_params
-        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        self.step_fn = None
-        p = ctx.cfg.policy
-        if p.kind == "online_dil":
-            objective = p.build_objective()
-            uses = "base" if ref_params is None and frozen is not None else "in_step"
-            self.step_cfg = p.step(reference_logps=uses if objective.uses_reference else "none")
-        else:
+
+class _Rollouts:
+    """``rollouts(state, step) -> Rollout``: rollout batch ``step``'s prompts (a permutation of the round's prompts per
+    epoch) and sampling seed are functions of ``step``; its samples come from the state's current weights."""
+
+    def __init__(self, ctx: RunContext, phase: Phase, rows: list[EncodedRecord], *, per: int, per_epoch: int,
+                 seed: int, ref, frozen, reward_fn: RewardFn | None):
+        """``frozen``: with LoRA, the base the state's adapters sit on; ``ref`` the reference's weights (the base
+        itself when the adapters-off base is the reference)."""
+        self.ctx, self.rows, self.per, self.per_epoch, self.seed = ctx, rows, per, per_epoch, seed
+        self.ref, self.frozen = ref, frozen
+        p, s = ctx.cfg.policy, ctx.cfg.sample
+        self.n = samples_per_prompt(ctx.cfg)
+        if p.kind != "online_dil":
             self.s = settings(ctx)
-            self.step_cfg = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=self.s)
             self.logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature, ctx.lora)
             self.ref_logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature)
             self.advantages = make_rollout_advantages(self.s)
-        if ctx.lora is not None:
-            self.step_cfg = dataclasses.replace(self.step_cfg, lora=ctx.lora, seed=seed)
+            self.score = make_scorer(ctx, phase, rows, reward_fn)
+        longest = max(len(r.prompt_ids) for r in rows) + s.max_new_tokens
+        self.length = bucket_for(longest, ctx.buckets + (longest,))  # one shape for every rollout batch: one compile
+
+    def policy(self, state):
+        """The causal LM the sampler sees (PPO's value head left out; LoRA: the adapters merged)."""
+        params = state.params if self.frozen is None else lora_merged(self.ctx, state.params, self.frozen).params
+        return without_value_head(params)
 
     def targets(self, state, arrays: dict[str, np.ndarray], scores: np.ndarray):
         """Old / reference log-probs, values and advantages of a rollout batch (host arrays) + rollout metrics."""
@@ -140,35 +152,27 @@ class _Updater:
         out.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in extra.items()})
         return out, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
-    def update(self, state, batch: dict[str, np.ndarray], rng: np.random.Generator, phase: str):
-        """``policy.inner_epochs`` passes of shuffled mini-batches -> (state, mean step metrics)."""
-        p = self.ctx.cfg.policy
-        rows = len(next(iter(batch.values())))
-        sums: dict[str, float] = {}
-        count = 0
-        for _ in range(p.inner_epochs):
-            perm = rng.permutation(rows)
-            for start in range(0, rows, p.batch_size):
-                mb = {k: v[perm[start:start + p.batch_size]] for k, v in batch.items()}
-                dev = sharding.shard_batch(mb, self.ctx.mesh)
-                ref = self.ref if self.step_cfg.takes_reference_params else None
-                if self.step_fn is None:
-                    self.step_fn = make_train_step(self.ctx.model_cfg, self.step_cfg, self.optimizer, self.schedule,
-                                                   self.ctx.mesh, self.state_sharding, mb, ref, self.frozen)
-                state, metrics = self.step_fn(state, dev, *self.step_cfg.extra_args(self.frozen, ref))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if metrics.pop("nonfinite"):
-                    if not self.ctx.cfg.reliability.skip_nonfinite:
-                        raise NonFiniteError(f"[{phase}] a mini-batch gave a non-finite loss or gradient "
-                                             f"(loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); "
-                                             f"the state was not updated. Lower policy.learning_rate, or set "
-                                             f"reliability.skip_nonfinite=true.")
-                    self.ctx.count("nonfinite_steps_skipped")
-                    continue
-                count += 1
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-        return state, {k: v / max(count, 1) for k, v in sums.items()}
+    def __call__(self, state, step: int) -> Rollout:
+        ctx, cfg, i = self.ctx, self.ctx.cfg, step - 1
+        epoch, b = divmod(i, self.per_epoch)
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.rows))
+        batch_rows = [self.rows[j] for j in order[b * self.per:(b + 1) * self.per]]
+        res = draw(ctx, self.policy(state), [r.prompt_ids.tolist() for r in batch_rows], num_samples=self.n,
+                   temperature=cfg.sample.temperature, max_new_tokens=cfg.sample.max_new_tokens,
+                   seed=(self.seed + 7919 * i) % 2**31)
+        flat_rows = [r for r in batch_rows for _ in range(self.n)]
+        if cfg.policy.kind == "online_dil":
+            pairs = [make_pair(r, r.chosen, encode_response(ctx, r, t)) for r, t in zip(flat_rows, res.tokens)]
+            batch = {k: v for k, v in pad_pair_batch(pairs, pad_id=ctx.encoder.pad_id, buckets=ctx.buckets).items()
+                     if k != "row_id"}
+            metrics = {}
+        else:
+            scores = self.score(flat_rows, [strip_eos(ctx, t) for t in res.tokens], res.stopped)
+            batch, metrics = self.targets(state, rollout_arrays(ctx, flat_rows, res.tokens, self.length), scores)
+        tokens = sum(len(t) for t in res.tokens)
+        metrics.update({"val/num_eos_tokens": float(np.sum(res.stopped)), "response_length": tokens / len(res.tokens),
+                        "episode": float(step * len(res.tokens))})
+        return Rollout(batch, metrics, tokens)
 
 
 def plan_rollouts(ctx: RunContext, num_rows: int) -> tuple[int, int, int]:
@@ -186,10 +190,7 @@ def plan_rollouts(ctx: RunContext, num_rows: int) -> tuple[int, int, int]:
 def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> dict[str, float]:
     cfg, p = ctx.cfg, ctx.cfg.policy
     rows = prompts_of_round(ctx, phase.round)
-    n = samples_per_prompt(cfg)
     per, per_epoch, total = plan_rollouts(ctx, len(rows))
-    rollout_seqs = per * n
-    optimizer, schedule = make_optimizer(p.optim(), total * p.inner_epochs * (rollout_seqs // p.batch_size))
     start_model = ctx.workdir.policy_model(phase.round - 1)
     params = load_policy(ctx, start_model)
     ref_folder = start_model if p.reference == "previous" else ctx.workdir.sft_model()
@@ -200,66 +201,23 @@ def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> 
     if ctx.lora is not None:  # the state trains the adapters (+ PPO's value head) on the frozen base
         params, frozen = lora_split(ctx, params, seed=seed, trainable=(VALUE_HEAD,) if p.kind == "ppo" else ())
     # LoRA on the reference itself: the frozen base with the adapters off is the reference, no second copy
-    ref = None if frozen is not None and str(ref_folder) == str(start_model) else load_policy(ctx, ref_folder)
-    state = create_state(params, optimizer, ctx.mesh, donate=True)
-    updater = _Updater(ctx, optimizer, schedule, state, ref, frozen, seed=seed)
-    policy_of = lambda st: without_value_head(  # noqa: E731  (the causal LM the sampler and the export see)
-        st.params if frozen is None else lora_merged(ctx, st.params, frozen).params)
-    score = None if p.kind == "online_dil" else make_scorer(ctx, phase, rows, reward_fn)
-    longest = max(len(r.prompt_ids) for r in rows) + cfg.sample.max_new_tokens
-    length = bucket_for(longest, ctx.buckets + (longest,))  # one shape for every rollout batch: one compile
-    phase_dir = ctx.workdir.phase(phase)
-    checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=cfg.reliability.keep_checkpoints,
-                                     async_save=cfg.reliability.async_checkpointing)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, _ = checkpointer.restore(start, state)
-    writer = MetricsWriter(phase_dir / "tb", total_steps=total, desc=phase.name, show_progress=cfg.run.show_progress,
-                           initial_step=start)
-    base_seed = cfg.run.seed * 1_000_003 + phase.round * 10_007
-    try:
-        with PreemptionGuard() as guard:
-            for i in range(start, total):
-                epoch, b = divmod(i, per_epoch)
-                order = np.random.default_rng(base_seed + epoch).permutation(len(rows))
-                batch_rows = [rows[j] for j in order[b * per:(b + 1) * per]]
-                t0 = time.perf_counter()
-                res = draw(ctx, policy_of(state), [r.prompt_ids.tolist() for r in batch_rows],
-                           num_samples=n, temperature=cfg.sample.temperature,
-                           max_new_tokens=cfg.sample.max_new_tokens, seed=(base_seed + 7919 * i) % 2**31)
-                flat_rows = [r for r in batch_rows for _ in range(n)]
-                rng = np.random.default_rng(base_seed + 104729 * (i + 1))
-                if p.kind == "online_dil":
-                    pairs = [make_pair(r, r.chosen, encode_response(ctx, r, t)) for r, t in zip(flat_rows, res.tokens)]
-                    batch = {k: v for k, v in pad_pair_batch(pairs, pad_id=ctx.encoder.pad_id,
-                                                             buckets=ctx.buckets).items() if k != "row_id"}
-                    state, metrics = updater.update(state, batch, rng, phase.name)
-                else:
-                    scores = score(flat_rows, [strip_eos(ctx, t) for t in res.tokens], res.stopped)
-                    arrays = rollout_arrays(ctx, flat_rows, res.tokens, length)
-                    batch, rollout_metrics = updater.targets(state, arrays, scores)
-                    state, metrics = updater.update(state, batch, rng, phase.name)
-                    metrics.update(rollout_metrics)  # objective/entropy: the rollout's, not the steps' old copy
-                tokens = sum(len(t) for t in res.tokens)
-                metrics.update({"val/num_eos_tokens": float(np.sum(res.stopped)), "response_length":
-                                tokens / len(res.tokens), "episode": float((i + 1) * len(res.tokens)),
-                                "tokens_per_second": tokens / (time.perf_counter() - t0)})
-                writer.log(i + 1, metrics, advance=1)
-                stop = guard.agreed()
-                if stop or (i + 1) % p.save_every == 0 or i + 1 == total:
-                    checkpointer.save(i + 1, state, None, {"phase": phase.name, "rollout_batch": i + 1}, force=stop)
-                if stop:
-                    checkpointer.wait()
-                    raise Preempted(phase.name, i + 1)
-        checkpointer.wait()
-    finally:
-        writer.close()
-        checkpointer.close()
+    base_is_reference = frozen is not None and str(ref_folder) == str(start_model)
+    ref = frozen if base_is_reference else load_policy(ctx, ref_folder)
+    # the mini-batch order and the rollouts' prompts and sampling seeds all derive from this seed
+    rollout_seed = cfg.run.seed * 1_000_003 + phase.round * 10_007
+    phase_settings = p.settings(seed=rollout_seed, run=cfg.run, reliability=cfg.reliability)
+    rollouts = _Rollouts(ctx, phase, rows, per=per, per_epoch=per_epoch, seed=rollout_seed, ref=ref, frozen=frozen,
+                         reward_fn=reward_fn)
+    trained = train_onpolicy(cfg=ctx.model_cfg, params=params, rollout=rollouts, phase_dir=ctx.workdir.phase(phase),
+                             mesh=ctx.mesh, step_cfg=step_config(ctx, base_is_reference=base_is_reference, seed=seed),
+                             optim=p.optim(), settings=phase_settings, total_steps=total,
+                             rollout_size=per * samples_per_prompt(cfg), inner_epochs=p.inner_epochs, ref_params=ref,
+                             frozen=frozen, counters=ctx.counters, name=phase.name)
     if frozen is None:
-        save_model(ctx, without_value_head(state.params), phase)
+        save_model(ctx, without_value_head(trained), phase)
     else:
-        trained = lora_merged(ctx, state.params, frozen)
-        save_model(ctx, without_value_head(trained.params), phase, adapters=trained.adapters, base=start_model)
+        merged = lora_merged(ctx, trained, frozen)
+        save_model(ctx, without_value_head(merged.params), phase, adapters=merged.adapters, base=start_model)
     return final_metrics(ctx, phase)
 
 

@@ -5,8 +5,9 @@ The pipeline's sft / reward / policy phases and the tests all call :func:`train`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 from etils import epath
@@ -39,6 +40,27 @@ class PhaseSettings:
     logging_steps: int = 1
     run_name: str = ""
     wandb_project: str = ""
+
+    @contextlib.contextmanager
+    def outputs(self, phase_dir: str | epath.PathLike, *, total_steps: int,
+                desc: str) -> Iterator[tuple[PhaseCheckpointer, MetricsWriter]]:
+        """The phase's checkpointer (``checkpoints/``) and metrics writer (``tb/``: these trackers, logging steps and
+        wandb run; its progress bar starts at the last checkpoint), closed on the way out. Every training loop opens
+        them here, so what a phase keeps and where its metrics go is decided in one place."""
+        phase_dir = epath.Path(phase_dir)
+        checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=self.keep_checkpoints,
+                                         async_save=self.async_checkpointing)
+        try:
+            writer = MetricsWriter(phase_dir / "tb", total_steps=total_steps, desc=desc,
+                                   show_progress=self.show_progress, initial_step=checkpointer.latest_step() or 0,
+                                   trackers=self.trackers, logging_steps=self.logging_steps, run_name=self.run_name,
+                                   wandb_project=self.wandb_project)
+            try:
+                yield checkpointer, writer
+            finally:
+                writer.close()
+        finally:
+            checkpointer.close()
 
 
 def phase_steps(num_examples: int, s: PhaseSettings) -> int:
@@ -119,17 +141,11 @@ def train(
     ref_params = ref_params if step_cfg.takes_reference_params else None
     step_fn = make_train_step(cfg, step_cfg, optimizer, schedule, mesh, state_sharding, example, ref_params, frozen)
     extra = step_cfg.extra_args(frozen, ref_params)
-    checkpointer = PhaseCheckpointer(phase_dir / "checkpoints", keep=settings.keep_checkpoints,
-                                     async_save=settings.async_checkpointing)
-    start = checkpointer.latest_step() or 0
-    writer = MetricsWriter(phase_dir / "tb", total_steps=total, desc=name, show_progress=settings.show_progress,
-                           initial_step=start, trackers=settings.trackers, logging_steps=settings.logging_steps,
-                           run_name=settings.run_name, wandb_project=settings.wandb_project)
     peak = device_peak_flops()
     # the one MFU formula (jaxalign.flops.mfu), as the TPU plan uses it: model FLOPs of the trained tokens / the peak
     # of every device in the mesh
     mfu_fn = None if not peak else (lambda tps, seq: mfu(tps, cfg, seq, peak * len(mesh.devices.flat)))  # noqa: E731
-    try:
+    with settings.outputs(phase_dir, total_steps=total, desc=name) as (checkpointer, writer):
         state = run_loop(phase=name, state=state, step_fn=step_fn, dataset=dataset, total_steps=total, mesh=mesh,
                          checkpointer=checkpointer, writer=writer, save_every=settings.save_every,
                          skip_nonfinite=settings.skip_nonfinite, extra_args=extra, mfu_fn=mfu_fn,
@@ -139,7 +155,4 @@ def train(
                                                  pad_id=pad_id, buckets=buckets, ref_params=ref_params,
                                                  frozen=frozen),
                          eval_every=eval_every)
-    finally:
-        writer.close()
-        checkpointer.close()
     return state.params
