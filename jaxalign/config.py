@@ -103,10 +103,10 @@ class Data:
     max_length: int = 1024
     max_prompt_length: int = 512
     chat_template: str = ""  # a named fallback ("zephyr", "chatml") for tokenizers without one
+    completion_end: str = "eos"  # "eos": responses end at EOS, as samples do; "template": + the glue after it (TRL 1.x)
     gold_metric: str = ""  # "demo" for the demo task's exact scorer
     num_proc: int = 1  # tokenising workers (datasets.map); worth it from a few thousand rows up
-    # tokenised data cached on disk, keyed by the data, tokenizer, template and lengths: "auto" (<workdir>/cache, or
-    # ~/.cache/jaxalign for a gs:// work directory), "off", or a local folder
+    # tokenised data cached on disk: "auto" (<workdir>/cache; ~/.cache/jaxalign for gs://), "off" or a local folder
     cache: str = "auto"
 
 

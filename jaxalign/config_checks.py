@@ -44,6 +44,7 @@ CHOICES = {
     "model.param_dtype": DTYPES,
     "model.remat": ("none", "full", "dots"),
     "data.gold_metric": ("", "demo"),
+    "data.completion_end": ("eos", "template"),
     "policy.reduce": ("", "sum", "mean"),
     "policy.reference": ("sft", "previous"),
     "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset", "ditto"),

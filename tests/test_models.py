@@ -16,6 +16,7 @@ from hf_models import VARIANTS, make_hf_model
 from jaxalign import sharding
 from jaxalign.models import (Decoder, ModelConfigError, RewardModel, forward, from_pretrained, load_config,
                              param_axes, save_pretrained)
+from jaxalign.models.hf_io import read_params
 
 torch = pytest.importorskip("torch")
 
@@ -120,6 +121,51 @@ def test_reward_head_matches_sequence_classification(variant, hf_dir):
     rm = RewardModel.from_pretrained(folder)
     out = np.asarray(rm(jnp.asarray(ids), attention_mask=jnp.asarray(ids != 0)))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_reward_head_pools_like_transformers_when_pad_is_eos(tmp_path):
+    """A sequence classifier whose pad id is EOS (SmolLM2-Instruct; a tokenizer given EOS as pad, as TRL does):
+    transformers pools the rightmost token that is not EOS, so rows ending with EOS (and EOS padding) are read at the
+    token before it; jaxalign reads the same token, and its export keeps that pad id so transformers agrees."""
+    from transformers import AutoModelForSequenceClassification
+
+    make_hf_model("llama", tmp_path / "rm", seed=4, seq_cls=True)
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    config["pad_token_id"] = config["eos_token_id"] = 2
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ids = _ids(3, 9, seed=5)
+    ids[0, -1] = 2  # ends with EOS
+    ids[1, 5], ids[1, 6:] = 2, 2  # EOS, then EOS as padding
+    mask = np.ones_like(ids, dtype=bool)
+    mask[1, 6:] = False
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()[:, 0]
+    rm = RewardModel.from_pretrained(tmp_path / "rm")
+    out = np.asarray(rm(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    # pooling the last attended token (EOS) gives other rewards: the test tells the two rules apart
+    no_pad = RewardModel(rm.cfg.replace(pad_token_id=None), rm.param_dict())
+    assert np.abs(np.asarray(no_pad(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))[:2] - ref[:2]).min() > 1e-4
+
+
+def test_pad_embedding_row_gets_no_gradient_as_in_transformers(tmp_path):
+    """transformers' Llama embedding is nn.Embedding(padding_idx=pad_token_id): that row gets no gradient even
+    where the pad token is real content (pad == EOS); GPT-NeoX passes no padding_idx. Same gradients here."""
+    for variant, frozen in (("llama", True), ("gpt_neox", False)):
+        folder = tmp_path / variant
+        hf = make_hf_model(variant, folder, seed=6)
+        ids = _ids(2, 9, seed=6)
+        ids[:, 4] = 0  # the pad id (0) inside the sequences
+        logits = hf(torch.tensor(ids, dtype=torch.long)).logits
+        logits.float().pow(2).mean().backward()
+        ref = hf.get_input_embeddings().weight.grad.numpy()
+        cfg = load_config(folder)
+        params = read_params(folder, cfg)
+        grad = jax.grad(lambda p: jnp.mean(forward(p, cfg, jnp.asarray(ids)).astype(jnp.float32) ** 2))(params)
+        assert (cfg.embedding_padding_idx == 0) is frozen
+        assert bool(np.abs(ref[0]).max() == 0) is frozen
+        np.testing.assert_allclose(np.asarray(grad["embed"]), ref, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("variant", ["llama3_tied", "qwen3", "gpt_neox"])

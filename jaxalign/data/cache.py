@@ -65,6 +65,7 @@ def encoding_key(records: Iterable[Record], encoder: ChatEncoder, task: str) -> 
         "task": task,
         "max_length": encoder.max_length,
         "max_prompt_length": encoder.max_prompt_length,
+        "completion_end": encoder.completion_end,
         "template": encoder.template,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "records": records_fingerprint(records),

@@ -18,6 +18,11 @@ Contract:
   response keeps its START. A row whose prompt leaves no room for a response token is skipped; truncated rows are
   counted. Message contents that contain a special-token string (e.g. a literal ``</s>``) would be encoded as control
   tokens, so such rows are skipped and counted instead of silently corrupting the EOS layout.
+- Where a response ends (``completion_end``): ``"eos"`` (the default) ends it with its closing EOS, the template's
+  trailing glue (zephyr's newline after ``</s>``) left out, so a demonstration ends exactly as a sampled response
+  does; ``"template"`` trains everything the template renders after the prompt, trailing glue included, as TRL's
+  DPOTrainer / RewardTrainer / SFTTrainer (1.x) tokenise conversational data; sampled responses then get the same
+  glue after their EOS (``encode_sampled``), so demonstrations and samples still end alike.
 - ``encode`` returns an ``EncodedRecord`` or a ``Skip``; it never raises on row content. A tokenizer without a chat
   template raises ``DataError`` when the encoder is built, unless ``chat_template`` names one explicitly.
 """
@@ -34,6 +39,7 @@ from jaxalign.data.formats import Message, Record, Skip
 from jaxalign.data.report import DataError, DataReport
 
 TASKS = ("sft", "pairs", "prompt")
+COMPLETION_ENDS = ("eos", "template")
 
 # Built-in templates for tokenizers that ship none; used only when asked for by name.
 FALLBACK_TEMPLATES = {
@@ -111,7 +117,11 @@ class ChatEncoder:
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         chat_template: str | None = None,
+        completion_end: str = "eos",
     ):
+        if completion_end not in COMPLETION_ENDS:
+            raise DataError(f"completion_end={completion_end!r}: choose one of {', '.join(COMPLETION_ENDS)}.")
+        self.completion_end = completion_end
         self.tokenizer = tokenizer
         self.template = resolve_chat_template(tokenizer, chat_template)
         if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
@@ -204,6 +214,8 @@ class ChatEncoder:
     def _response_text(self, prompt: Sequence[Message], rendered_prompt: str, response: str) -> str:
         post = self._render(tuple(prompt) + (Message("assistant", response),), False)
         self._check_prefix(rendered_prompt, post, len(prompt))
+        if self.completion_end == "template":
+            return post[len(rendered_prompt):]
         return self._turn(post[len(rendered_prompt):])[0]
 
     @staticmethod
@@ -314,19 +326,32 @@ class ChatEncoder:
         """The ids that end an assistant turn, for a generation config's ``eos_token_id``: EOS (which closes every
         trained turn, see ``_turn``) plus the first special token the template writes after an assistant message
         (``<|im_end|>`` for ChatML, ``</s>`` for zephyr), which a chat model emits first and must stop at."""
-        marker = "jaxalign end-of-turn probe"
         ids = [self.eos_id]
-        try:
-            text = self._render((Message("user", "hi"), Message("assistant", marker)), False)
-        except (_TokenSkip, jinja2.TemplateError):
-            return tuple(ids)
-        tail = text[text.rfind(marker) + len(marker):] if marker in text else ""
+        tail = self._text_after_a_reply()
         specials = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         specials |= {i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
         first = next((i for i in self._ids(tail) if i in specials), None)
         if first is not None and first not in ids:
             ids.append(int(first))
         return tuple(ids)
+
+    def _text_after_a_reply(self) -> str:
+        """What the template renders after the content of a final assistant message (``"</s>\\n"`` for zephyr)."""
+        marker = "jaxalign end-of-turn probe"
+        try:
+            text = self._render((Message("user", "hi"), Message("assistant", marker)), False)
+        except (_TokenSkip, jinja2.TemplateError):
+            return ""
+        return text[text.rfind(marker) + len(marker):] if marker in text else ""
+
+    def trailing_glue_ids(self) -> list[int]:
+        """With ``completion_end="template"``: the ids the template renders after a final assistant turn's EOS
+        (zephyr: a newline), which ``encode`` trains on dataset responses; empty with ``"eos"``."""
+        if self.completion_end != "template":
+            return []
+        tail = self._text_after_a_reply()
+        at = tail.find(self.eos_token)
+        return self._ids_after(self.eos_token, tail[at + len(self.eos_token):]) if at >= 0 else []
 
     def encode_sampled(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> EncodedSequence:
         """The training sequence for a sampled response: ``prompt_ids + response_ids + [eos]``, masked on the
@@ -336,6 +361,7 @@ class ChatEncoder:
         response = [int(t) for t in response_ids]
         if not response or response[-1] != self.eos_id:
             response.append(self.eos_id)
+        response += self.trailing_glue_ids()
         if self.max_length is not None:
             response = response[: max(0, self.max_length - len(prompt))]
         ids = np.concatenate([prompt, np.asarray(response, np.int32)])

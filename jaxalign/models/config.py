@@ -59,6 +59,10 @@ class ModelConfig:
     # per-layer attention window in tokens; None = full attention for that layer
     sliding_windows: tuple[int | None, ...] = ()
     pad_token_id: int | None = None
+    # the embedding row that gets no gradient: transformers' Llama / Mistral / Qwen build their embedding as
+    # nn.Embedding(padding_idx=pad_token_id), so full fine-tuning there never moves that row (EOS's, where pad == EOS);
+    # read from the HF config so jaxalign trains the same weights (GPT-NeoX passes no padding_idx: None)
+    embedding_padding_idx: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     # numerics: parameters are stored in param_dtype, computation runs in dtype
@@ -188,6 +192,7 @@ def config_from_hf(hf: Any, *, where: str = "config.json", **overrides: Any) -> 
         activation=act,
         sliding_windows=(None,) * num_layers if neox else _sliding_windows(hf, num_layers),
         pad_token_id=getattr(hf, "pad_token_id", None),
+        embedding_padding_idx=None if neox else getattr(hf, "pad_token_id", None),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_id=getattr(hf, "eos_token_id", None),
     )

@@ -50,6 +50,9 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "b_down": ("layers", "embed"),
 }
 TOP_LEVEL = ("embed", "lm_head", "final_norm", "final_norm_bias")
+# norm scales and biases: AdamW leaves them undecayed, as transformers' Trainer does (its decay excludes names with
+# "bias" or "norm"), so a weight_decay set in a recipe decays the same parameters as in a TRL run
+NO_WEIGHT_DECAY = frozenset(name for name in LOGICAL_AXES if "norm" in name or name.startswith("b"))
 # the per-layer weights, stacked on a leading "layers" axis and scanned over; anything else a caller keeps in the same
 # dict (a reward head, say) is not the decoder's business
 LAYER_NAMES = tuple(name for name, axes in LOGICAL_AXES.items() if axes[0] == "layers")
@@ -256,6 +259,8 @@ def forward(
     # partitioner does not have to re-shard the gather's output to the batch layout by replication
     table = constrain(params["embed"], ("vocab", None))
     x = jnp.take(table, input_ids, axis=0).astype(dt)
+    if cfg.embedding_padding_idx is not None:
+        x = jnp.where((input_ids == cfg.embedding_padding_idx)[..., None], jax.lax.stop_gradient(x), x)
     x = constrain(x, ("batch", "length", "embed"))
     layer_params = {k: v for k, v in params.items() if k in LAYER_NAMES}
     lora_apply, layer_keys = None, None

@@ -6,10 +6,11 @@
   transformers writes as ``chat_template.jinja`` and ``AutoTokenizer.from_pretrained`` reads back; a tokenizer
   without a pad token is saved with EOS as its pad token (the encoder pads with it);
 - ``config.json``'s ``pad_token_id`` (``AutoModelForSequenceClassification`` refuses batches of more than one row
-  without it). A reward model needs one that differs from EOS: transformers pools the rightmost token that is not
-  the pad id, and jaxalign's sequences end with EOS, so with pad == EOS (zephyr, Llama) every score would be read
-  one token early. The tokenizer's pad token is used when it is not EOS, else its unk token, else EOS (then rows
-  must not end with EOS to score alike); the saved tokenizer pads with the same token;
+  without it). transformers pools the rightmost token that is not the pad id, and so does jaxalign's reward head
+  with the model config's ``pad_token_id``: a reward model whose config has one keeps it (where it equals EOS, both
+  read the token before a closing EOS). A model config without one (zephyr, Llama-2) pooled the last real token,
+  EOS included, so its export needs a pad that differs from EOS: the tokenizer's pad token when it is not EOS, else
+  its unk token, else EOS (then rows must not end with EOS to score alike); the saved tokenizer pads with it;
 - for causal LMs, ``generation_config.json`` whose ``eos_token_id`` lists EOS and the template's end-of-turn token
   (``<|im_end|>`` for ChatML), so ``generate`` and ``pipeline("text-generation")`` stop at the end of the reply;
 - optionally the weights cast to another float dtype (``float32`` / ``bfloat16`` / ``float16``), shard by shard, in
@@ -125,7 +126,8 @@ def complete_export(
     encoder = ChatEncoder(tokenizer, chat_template=chat_template)
     saved = copy.deepcopy(tokenizer)
     saved.chat_template = encoder.template
-    pad_id = reward_pad_id(tokenizer) if reward else encoder.pad_id
+    pooled_with = json.loads((folder / "config.json").read_text()).get("pad_token_id") if reward else None
+    pad_id = (reward_pad_id(tokenizer) if pooled_with is None else int(pooled_with)) if reward else encoder.pad_id
     saved.pad_token = saved.convert_ids_to_tokens(pad_id)
     saved.save_pretrained(str(folder))
 

@@ -1,7 +1,10 @@
 """A scalar reward head on the decoder backbone, read from and written as ``AutoModelForSequenceClassification``.
 
-The reward of a sequence is ``score . h_last`` where ``h_last`` is the final (normed) hidden state of its last
-non-padding token — the same token transformers' sequence-classification heads pool. A reward model's parameters are
+The reward of a sequence is ``score . h_last`` where ``h_last`` is the final (normed) hidden state of the token
+transformers' sequence-classification heads pool: the rightmost one that is not the config's ``pad_token_id`` (the
+rightmost attended token when the config has none). Where pad == EOS (SmolLM2-Instruct, or a tokenizer given EOS as
+pad, as TRL does) that is the token before a closing EOS, in transformers and here alike; the export keeps that
+pad id so transformers scores the exported model as it trained (``jaxalign.models.export``). A reward model's parameters are
 the decoder's (without the LM head) plus ``score`` [H]; :func:`read_reward_params` is the one way the pipeline loads
 one (the reward phase's initialisation, pair scoring and evaluation alike) and
 ``jaxalign.models.save_params(..., head="sequence_classification")`` the one way it is written.
@@ -35,7 +38,8 @@ def reward_forward(params, cfg: ModelConfig, input_ids, *, attention_mask=None, 
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
     hidden = forward(params, cfg, input_ids, attention_mask=attention_mask, return_hidden=True, **kw)
-    last = jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
+    pooled = attention_mask if cfg.pad_token_id is None else attention_mask & (input_ids != cfg.pad_token_id)
+    last = jnp.take_along_axis(hidden, last_token_index(pooled)[:, None, None], axis=1)[:, 0]
     return jnp.einsum("bh,h->b", last.astype(jnp.float32), params["score"].astype(jnp.float32))
 
 

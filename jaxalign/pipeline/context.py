@@ -105,7 +105,7 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
         raise ConfigError(f"model.tokenizer={tok_path!r}: could not load a tokenizer ({type(e).__name__}: "
                           f"{e}).") from None
     encoder = ChatEncoder(tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                          chat_template=cfg.data.chat_template or None)
+                          chat_template=cfg.data.chat_template or None, completion_end=cfg.data.completion_end)
     if model_cfg.vocab_size < len(tokenizer):
         raise ConfigError(f"{workdir.base_model}: vocab_size {model_cfg.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens ({tok_path}).")

@@ -233,17 +233,7 @@ def compile_and_measure(row: PhaseRow, sl: Slice, mcfg, build: Callable[[], Any]
 def _optimizer(section, mu_dtype: str = ""):
     from jaxalign.train.optim import make_optimizer
 
-    optim = section.optim()
-    opt, schedule = make_optimizer(optim, 1000)
-    if mu_dtype and optim.name == "adamw":  # the same chain with AdamW's first moment in mu_dtype
-        import jax.numpy as jnp
-        import optax
-
-        opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                          mu_dtype=jnp.dtype(mu_dtype))
-        if optim.max_grad_norm and optim.max_grad_norm > 0:
-            opt = optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), opt)
-    return opt, schedule
+    return make_optimizer(section.optim(), 1000, mu_dtype=mu_dtype)
 
 
 def _check_batch(name: str, section, mesh) -> None:

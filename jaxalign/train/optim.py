@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
+
+from jaxalign.models.decoder import NO_WEIGHT_DECAY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +43,22 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after], [warmup])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def weight_decay_mask(params) -> Any:
+    """True for the parameters AdamW decays: all but norm scales and biases (``NO_WEIGHT_DECAY``), as transformers'
+    Trainer decays; a tree other than a name -> array dict is decayed everywhere."""
+    if isinstance(params, Mapping):
+        return {k: k not in NO_WEIGHT_DECAY for k in params}
+    return jax.tree.map(lambda _: True, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, *, mu_dtype: str = ""
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The section's optimizer and schedule; ``mu_dtype`` keeps AdamW's first moment in that dtype (the plan's
+    memory variants)."""
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None, mask=weight_decay_mask)
     elif cfg.name == "rmsprop":
         # the IRL authors' TL;DR reward model and PPO runs use RMSprop
         opt = optax.rmsprop(schedule, decay=cfg.b2, eps=cfg.eps)
