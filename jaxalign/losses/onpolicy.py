@@ -245,7 +245,7 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip=0.2, clip_high=None, kl_coef=0.04,
-              length_norm="sequence", max_len=None):
+              length_norm="sequence", max_len=None, kl_bias_correction=False):
     """GRPO's token loss ``l_t = max(-A r_t, -A clip(r_t, 1 - clip, 1 + clip)) + kl_coef * k3_t`` with
     ``k3 = pi_ref/pi - 1 - log(pi_ref/pi)`` (the KL as a loss term, not in the reward), reduced by ``length_norm``:
 
@@ -256,9 +256,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip=0.2, clip_high
       ``"dr_grpo"`` with ``max_completion_length``).
 
     ``advantages`` [B] (`grpo_advantages` flattened) or [B, T]. ``clip_high`` is DAPO's clip-higher (default
-    ``clip``). Matches TRL ``GRPOTrainer.compute_loss`` (``epsilon_low = clip``, ``epsilon_high = clip_high``,
-    ``beta = kl_coef``). Metrics: ``loss/policy``, ``objective/kl`` (mean k3 over mask tokens: TRL GRPO's ``kl``),
-    and `ppo_policy_loss`'s ``policy/clipfrac``, ``policy/approxkl``, ``val/ratio``, ``objective/entropy``.
+    ``clip``). ``kl_bias_correction`` multiplies ``k3_t`` by the (differentiable) ratio ``r_t``, which makes its
+    gradient the unbiased reverse-KL one off-policy (DeepSeek-V3.2; TRL 1.16's default ``use_bias_correction_kl=True``,
+    which the on-policy step's ``OnPolicySettings`` follows). Matches TRL ``GRPOTrainer.compute_loss``
+    (``epsilon_low = clip``, ``epsilon_high = clip_high``, ``beta = kl_coef``, ``use_bias_correction_kl =
+    kl_bias_correction``). Metrics: ``loss/policy``, ``objective/kl`` (mean KL term over mask tokens, the ratio
+    included when corrected: TRL GRPO's ``kl``), and `ppo_policy_loss`'s ``policy/clipfrac``, ``policy/approxkl``,
+    ``val/ratio``, ``objective/entropy``.
     """
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"unknown length_norm {length_norm!r}; valid: {', '.join(LENGTH_NORMS)}")
@@ -266,6 +270,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip=0.2, clip_high
     surrogate, *pieces = _clipped_surrogate(m, logp, old_logp, advantages, clip, clip_high)
     lp, ref = _on_mask(m, logp, ref_logp)
     k3 = token_kl(lp, jax.lax.stop_gradient(ref))["k3"]
+    if kl_bias_correction:
+        k3 = k3 * pieces[1]
     per_token = surrogate + kl_coef * k3
     if length_norm == "sequence":
         loss = jnp.mean(masked_mean(per_token, m, axis=-1))

@@ -42,6 +42,8 @@ class OnPolicySettings:
     length_norm: str = "sequence"
     whiten_advantages: bool = True
     max_new_tokens: int | None = None  # Dr. GRPO's constant normaliser
+    # GRPO: k3 x the ratio pi / pi_old (TRL 1.16's default use_bias_correction_kl=True); False: plain k3
+    kl_bias_correction: bool = True
 
     def __post_init__(self):
         if self.kind not in ONPOLICY_KINDS:
@@ -95,7 +97,8 @@ def rollout_advantages(s: OnPolicySettings, scores, logps, ref_logps, values, ma
         return {"advantages": _whiten(adv) if s.whiten_advantages else adv}, metrics
     # GRPO: the KL is a loss term, so the advantages come from the scores alone; the rollout metrics keep TRL's
     # objective/* (rlhf_reward = score - kl_coef * k1, as logged by the other kinds)
-    adv = grpo_advantages(scores.reshape(-1, s.num_samples), scale=s.grpo_scale).reshape(-1)
+    # TRL's torch.std: Bessel-corrected
+    adv = grpo_advantages(scores.reshape(-1, s.num_samples), scale=s.grpo_scale, ddof=1).reshape(-1)
     return {"advantages": adv}, metrics
 
 
@@ -116,7 +119,8 @@ def onpolicy_loss_fn(params, cfg: ModelConfig, batch, s: OnPolicySettings, **fwd
         loss, metrics = ppo_policy_loss(seq, old_seq, batch["advantages"][:, None], ones, clip=s.clip)
     elif s.kind == "grpo":
         loss, metrics = grpo_loss(logp, old, batch["ref_logps"], batch["advantages"], mask, clip=s.clip,
-                                  kl_coef=s.kl_coef, length_norm=s.length_norm, max_len=s.max_new_tokens)
+                                  kl_coef=s.kl_coef, length_norm=s.length_norm, max_len=s.max_new_tokens,
+                                  kl_bias_correction=s.kl_bias_correction)
     else:
         policy, metrics = ppo_policy_loss(logp, old, batch["advantages"], mask, clip=s.clip)
         value, vmetrics = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=s.clip)
