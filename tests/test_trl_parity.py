@@ -31,8 +31,9 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from real_model import smollm2  # noqa: F401  (the session fixture)
 
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
@@ -274,3 +275,24 @@ def test_weight_decay_falls_on_the_parameters_transformers_trainer_decays(varian
             hf_names = [f"{hf_prefix(cfg)}layers.{i}.{layer_sources(cfg, name)}" for i in range(cfg.num_layers)]
         for hf_name in hf_names:
             assert (hf_name in decayed) == decays, (name, hf_name, decays)
+
+
+@pytest.mark.slow
+def test_dpo_on_smollm2_follows_trl(smollm2, setup, tmp_path):
+    """The same check on a real pretrained model and its own tokenizer: SmolLM2-135M-Instruct (ChatML, a default
+    system prompt, tied embeddings, pad == EOS == ``<|im_end|>``), fully fine-tuned, DPO sigmoid, lr 1e-5."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    _, pairs = setup
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    args = trl_args(DPOConfig, tmp_path / "trl", beta=0.1, loss_type=["sigmoid"], max_length=512)
+    args.learning_rate = 1e-5
+    trainer = DPOTrainer(model=str(smollm2), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(smollm2))
+    theirs = trl_steps(trainer)
+    overrides = [o for o in dpo_overrides(smollm2, pairs, "dpo") if not o.startswith("policy.learning_rate")]
+    ours = jaxalign_cli(tmp_path / "jaxalign", [*overrides, "policy.learning_rate=1e-5"], "r1_policy")
+    compare("DPO on SmolLM2-135M-Instruct", theirs, ours, DPO_METRICS)
+    assert theirs[-1]["rewards/margins"] > 1000 * ATOL
