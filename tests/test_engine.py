@@ -182,6 +182,7 @@ def test_gradient_accumulation_equals_one_big_batch(base_params, kind):
                                    err_msg=name)
 
 
+@pytest.mark.slow
 def test_meshes_give_the_single_device_trajectory(base_params):
     """Five AdamW steps (lr 1e-2) of SFT on (8,1,1), (2,2,2) and (1,1,8): the losses match one device to 1e-5
     (relative), the params to 1e-4 (absolute)."""

@@ -65,6 +65,7 @@ def test_dpo_step_with_the_base_as_reference_equals_an_explicit_frozen_copy():
     assert two - one == tree_bytes(frozen)
 
 
+@pytest.mark.slow
 def test_lora_resume_after_sigterm_is_bit_identical(tmp_path):
     """A DPO phase training adapters (dropout on, the base as the reference) stopped by SIGTERM after step 5 and
     re-run with the same command ends with the uninterrupted run's adapters, batches and losses, bit for bit; its
@@ -88,6 +89,7 @@ def test_lora_resume_after_sigterm_is_bit_identical(tmp_path):
     assert read_rows(wd) == read_rows(reference) and read_losses(wd) == read_losses(reference)
 
 
+@pytest.mark.slow
 def test_pipeline_with_lora_exports_merged_weights_and_a_peft_adapter(shared_data, tmp_path):
     """sft + policy (DIL, the base as the reference) with model.lora.rank=4 on a tiny Llama: each phase writes its
     merged model/ and a PEFT adapter/; transformers + PEFT loading adapter/ onto the phase's starting model give the

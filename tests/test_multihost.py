@@ -51,6 +51,7 @@ def two_processes(tmp_path_factory):
     return wd
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(reference, two_processes):
     wd = two_processes
     # each process read its own half of every global batch, and together the same rows as the single process

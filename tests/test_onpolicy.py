@@ -185,6 +185,7 @@ def test_rloo_and_ppo_train_lora_adapters_on_the_frozen_base(demo):
         assert conf["r"] == 4 and conf["lora_alpha"] == 8.0
 
 
+@pytest.mark.slow
 def test_onpolicy_metrics_reach_every_tracker(demo, offline_wandb):
     pytest.importorskip("wandb")
     ctx, _ = demo

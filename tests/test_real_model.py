@@ -100,6 +100,7 @@ def test_the_folder_is_a_plain_float32_llama(smollm2, hf):  # noqa: F811
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), text
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(hf, jax_model, prompts):
     """The real prompts in one left-padded batch against transformers on each prompt alone: within test_models.py's
     parity tolerance."""
@@ -126,6 +127,7 @@ def test_logits_match_transformers(hf, jax_model, prompts):
         assert (ref.max(-1) - np.sort(ref, -1)[:, -2]).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_greedy_chat_answers_match_transformers(hf, jax_model, prompts):
     from jaxalign.sampling import generate
 

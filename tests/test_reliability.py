@@ -62,6 +62,7 @@ def reference():
 
 
 # ---- preemption -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_at_several_steps_resumes_bit_exact(reference, tmp_path):
     """One command, run until it succeeds: SIGTERM after step 7, after step 20 (= N/2), and from a timer thread while
     the async save of step 28 is in flight. Each run exits 75 with a one-line message; the last one finishes."""

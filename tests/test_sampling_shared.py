@@ -26,6 +26,7 @@ rng = np.random.default_rng(0)
 PROMPTS = [[1] + rng.integers(3, 256, size=n - 1).tolist() for n in (3, 9, 14, 6)]
 # llama: GQA 4 query / 2 KV heads; mistral: the same plus a 5-token sliding window
 VARIANTS = ("llama", "mistral")
+pytestmark = pytest.mark.slow  # one shared sampling run per model variant, compiled in each worker
 
 
 @pytest.fixture(scope="module")
