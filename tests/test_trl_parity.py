@@ -280,19 +280,49 @@ def test_weight_decay_falls_on_the_parameters_transformers_trainer_decays(varian
 @pytest.mark.slow
 def test_dpo_on_smollm2_follows_trl(smollm2, setup, tmp_path):
     """The same check on a real pretrained model and its own tokenizer: SmolLM2-135M-Instruct (ChatML, a default
-    system prompt, tied embeddings, pad == EOS == ``<|im_end|>``), fully fine-tuned, DPO sigmoid, lr 1e-5."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    system prompt, tied embeddings, pad == EOS == ``<|im_end|>``), fully fine-tuned, DPO sigmoid, lr 1e-5. Each side
+    runs alone in its own process (jaxalign's through ``launch/tpu_run.py``), so the two never hold a 135M-parameter
+    model, its reference and AdamW state in memory at once."""
+    import subprocess
+    import sys
+
+    from tiny_recipe import LAUNCHER, subprocess_env
 
     _, pairs = setup
-    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    args = trl_args(DPOConfig, tmp_path / "trl", beta=0.1, loss_type=["sigmoid"], max_length=512)
-    args.learning_rate = 1e-5
-    trainer = DPOTrainer(model=str(smollm2), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(smollm2))
-    theirs = trl_steps(trainer)
     overrides = [o for o in dpo_overrides(smollm2, pairs, "dpo") if not o.startswith("policy.learning_rate")]
-    ours = jaxalign_cli(tmp_path / "jaxalign", [*overrides, "policy.learning_rate=1e-5"], "r1_policy")
+    run = subprocess.run([sys.executable, str(LAUNCHER), "--workdir", str(tmp_path / "jaxalign"), *overrides,
+                          "policy.learning_rate=1e-5"], env=subprocess_env(devices=1), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ours = [json.loads(line) for line in
+            (tmp_path / "jaxalign" / "phases" / "r1_policy" / "tb" / "metrics.jsonl").read_text().splitlines()]
+    ours = [r for r in ours if r.get("split") == "train"]
+    trl_run = subprocess.run([sys.executable, "-c", TRL_DPO_SCRIPT, str(smollm2), str(pairs), str(tmp_path / "trl")],
+                             env=subprocess_env(devices=1), capture_output=True, text=True)
+    assert trl_run.returncode == 0, trl_run.stderr[-3000:]
+    theirs = json.loads((tmp_path / "trl" / "steps.json").read_text())
     compare("DPO on SmolLM2-135M-Instruct", theirs, ours, DPO_METRICS)
     assert theirs[-1]["rewards/margins"] > 1000 * ATOL
+
+
+# TRL's side of the SmolLM2 check, in its own process: the settings of trl_args with lr 1e-5
+TRL_DPO_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+torch.set_num_threads(1)
+model, pairs, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+args = DPOConfig(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=5,
+                 learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999,
+                 adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
+                 gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+                 use_cpu=True, disable_tqdm=True, beta=0.1, loss_type=["sigmoid"], max_length=512)
+trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=AutoTokenizer.from_pretrained(model))
+trainer.train()
+out.mkdir(parents=True, exist_ok=True)
+(out / "steps.json").write_text(json.dumps([h for h in trainer.state.log_history if "loss" in h]))
+"""
