@@ -16,7 +16,7 @@ from jaxalign.models import ModelConfig  # noqa: E402
 
 
 def tiny_config(**kw) -> ModelConfig:
-    """The CPU demo's model (configs/demo_cpu.yaml builds it with jaxalign.pipeline.demo_task): vocabulary 128,
+    """The CPU demo's model (configs/demo_cpu.yaml builds it with jaxalign.tasks.demo): vocabulary 128,
     hidden 128, two layers, 4 query / 2 KV heads. Use it with :data:`TINY_BATCH`, the demo's batch shape."""
     base = dict(model_type="llama", vocab_size=128, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=32, max_position_embeddings=128, sliding_windows=(None,) * 2,

@@ -3,7 +3,7 @@ arguments changed, on a development seed.
 
     python experiments/demo_search.py --workdir runs/search/A --task n_train=600 -- run.seed=100 [key=value ...]
 
-``--task k=v`` sets an argument of ``jaxalign.pipeline.demo_task.build_demo_assets`` (ints, or strings for ``kinds``);
+``--task k=v`` sets an argument of ``jaxalign.tasks.demo.build_demo_assets`` (ints, or strings for ``kinds``);
 everything after ``--`` goes to the launcher as config overrides. The design search ran on seed 100 only; the 5-seed
 table uses seeds 0-4, fixed before any design was tried.
 """
@@ -27,7 +27,8 @@ def main() -> int:
     for kv in args.task:
         k, v = kv.split("=", 1)
         task[k] = int(v) if v.lstrip("-").isdigit() else v
-    from jaxalign.pipeline import context, demo_task
+    from jaxalign.pipeline import context
+    from jaxalign.tasks import demo as demo_task
 
     context.build_demo_assets = functools.partial(demo_task.build_demo_assets, **task)
     from jaxalign.cli import main as cli_main

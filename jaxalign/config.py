@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import importlib.util
 import typing
 from pathlib import Path
@@ -104,7 +106,7 @@ class Data:
     max_prompt_length: int = 512
     chat_template: str = ""  # a named fallback ("zephyr", "chatml") for tokenizers without one
     completion_end: str = "eos"  # "eos": responses end at EOS, as samples do; "template": + the glue after it (TRL 1.x)
-    gold_metric: str = ""  # "demo" for the demo task's exact scorer
+    gold_metric: str = ""  # a scorer in jaxalign.tasks.SCORERS: demo | instructions ("" = none)
     num_proc: int = 1  # tokenising workers (datasets.map); worth it from a few thousand rows up
     # tokenised data cached on disk: "auto" (<workdir>/cache; ~/.cache/jaxalign for gs://), "off" or a local folder
     cache: str = "auto"
@@ -179,6 +181,7 @@ class Policy(Train):
     # this round's samples > earlier rounds' samples, every pair of that order: Shaikh et al. 2024)
     pairs: str = "best_of_n"
     pair_rule: str = "max_min"  # a name in jaxalign.losses.PAIR_RULES
+    reward: str = "rm"  # scores best-of-N samples and rollouts: rm (the round's) | gold (data.gold_metric: an oracle)
     num_samples: int = 4  # N for best_of_n / ditto; samples per prompt for rloo / grpo (TRL rloo_k, num_generations)
     # ---- on-policy kinds (rloo / grpo / ppo / online_dil); TRL's names where it has them ----
     # sequences per rollout batch (prompts x num_samples), a multiple of batch_size (the optimizer step's mini-batch);
@@ -412,9 +415,6 @@ def dump(cfg: Config) -> str:
 
 def section_fingerprint(cfg: Config, *sections: str) -> str:
     """A stable hash of the given sections: a finished phase is bound to the settings that produced it."""
-    import hashlib
-    import json
-
     d = to_dict(cfg)
     blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ from jaxalign.data.formats import FORMATS
 from jaxalign.losses import OBJECTIVES, PAIR_RULES
 from jaxalign.metrics import TrackerError, check_trackers
 from jaxalign.models.lora import TARGETS as LORA_TARGETS
+from jaxalign.tasks import SCORERS
 
 
 class ConfigError(ValueError):
@@ -43,12 +44,13 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": ("none", "full", "dots"),
-    "data.gold_metric": ("", "demo"),
+    "data.gold_metric": ("",) + tuple(SCORERS),
     "data.completion_end": ("eos", "template"),
     "policy.reduce": ("", "sum", "mean"),
     "policy.reference": ("sft", "previous"),
     "policy.pairs": ("best_of_n", "demo_vs_sample", "dataset", "ditto"),
     "policy.kind": POLICY_KINDS,
+    "policy.reward": ("rm", "gold"),
     "policy.length_norm": ("sequence", "token", "constant"),
     "optimizer": ("adamw", "rmsprop", "sgd"),  # sft / reward / policy
     "schedule": ("cosine", "linear", "constant"),
@@ -132,6 +134,9 @@ def validate(cfg, where: str = "config") -> None:
     number("policy.missing_eos_penalty", p.missing_eos_penalty, low=0.0)
     if p.kind != "pairs":
         _check_onpolicy(cfg, need)
+    if p.reward == "gold":
+        need(bool(cfg.data.gold_metric), "policy.reward", p.reward,
+             "the gold reward is data.gold_metric's scorer: name one (" + ", ".join(SCORERS) + ")")
     if cfg.run.method == "irl" and p.pairs == "best_of_n" and p.kind == "pairs":
         need(p.num_samples >= 2, "policy.num_samples", p.num_samples,
              "best-of-N pairs need at least 2 samples per prompt")
@@ -222,7 +227,8 @@ def _check_round(cfg, problems: list[str]) -> None:
         for k in order:
             if k not in ROUND_PHASES:
                 return fail(f"run.phases: {k!r} is not a round phase; use {', '.join(ROUND_PHASES)}")
-        if "policy" in order and kind in REWARD_KINDS and "reward" not in order[: order.index("policy")]:
+        if ("policy" in order and kind in REWARD_KINDS and cfg.policy.reward == "rm"
+                and "reward" not in order[: order.index("policy")]):
             return fail(f"run.phases={text}: policy.kind={kind} optimises this round's reward model, so 'reward' "
                         f"(after 'sample') must come before 'policy' (sample,reward,policy,eval); policy.kind="
                         f"online_dil needs none")
@@ -249,10 +255,10 @@ def _check_round(cfg, problems: list[str]) -> None:
         if pairs in ("best_of_n", "demo_vs_sample", "ditto") and "sample" not in before:
             return fail(f"run.phases={text}: the policy phase uses sampled responses (policy.pairs={pairs}) but no "
                         f"sample phase comes before it in the round")
-        if pairs == "best_of_n" and "reward" not in before:
+        if pairs == "best_of_n" and cfg.policy.reward == "rm" and "reward" not in before:
             return fail(f"run.phases={text}: policy before any reward model in the round — policy.pairs=best_of_n "
                         f"scores samples with this round's reward model, so 'reward' must come before 'policy' "
-                        f"(IRL: sample,reward,policy,eval)")
+                        f"(IRL: sample,reward,policy,eval), or policy.reward=gold scores them with the gold metric")
     if "reward" in order and "sample" not in order[: order.index("reward")]:
         return fail(f"run.phases={text}: the reward phase trains on (demonstration, own sample) pairs, so 'sample' "
                     f"must come before 'reward'")

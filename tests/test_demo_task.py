@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxalign.pipeline.demo_task import (
+from jaxalign.tasks.demo import (
     ARGS_FILE,
     KINDS,
     TASK_NAME,

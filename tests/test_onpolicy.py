@@ -1,6 +1,6 @@
 """On-policy policy steps (jaxalign.pipeline.onpolicy) on the demo task's SFT'd tiny model.
 
-- With a fixed, known reward — the demo task's gold metric (jaxalign.pipeline.demo_task.gold_score) in place of a
+- With a fixed, known reward — the demo task's gold metric (jaxalign.tasks.demo.gold_score) in place of a
   reward model — RLOO, GRPO and PPO each raise the mean reward of their fresh samples within a few dozen rollout
   batches (fixed seeds): the mean of the last 5 batches beats the first 5 by a clear margin. The curves are printed.
 - The logged metrics keep their definitions: objective/rlhf_reward = scores - kl_coef * kl (RLOO, PPO), the first
@@ -22,7 +22,7 @@ from jaxalign.data.sources import load_records
 from jaxalign.metrics import read_metrics
 from jaxalign.pipeline import onpolicy, sft
 from jaxalign.pipeline.context import build_context
-from jaxalign.pipeline.demo_task import gold_score
+from jaxalign.tasks.demo import gold_score
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.runner import Pipeline
 from test_trackers import offline_wandb, read_tensorboard, read_wandb  # noqa: F401  (offline_wandb: a fixture)

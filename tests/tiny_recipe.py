@@ -34,7 +34,7 @@ TINY = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_layers=2
 def make_tiny_llama(folder: str | Path, *, seed: int = 0, **overrides) -> Path:
     """A random-init tiny Llama in ``folder`` (config.json + model.safetensors) for the zephyr/Mistral tokenizer."""
     from jaxalign.models import ModelConfig
-    from jaxalign.pipeline.demo_task import save_random_model
+    from jaxalign.tasks.demo import save_random_model
 
     kw = {**TINY, **overrides}
     cfg = ModelConfig(model_type="llama", sliding_windows=(None,) * kw["num_layers"], pad_token_id=2,

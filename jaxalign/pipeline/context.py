@@ -25,7 +25,8 @@ from jaxalign.data.tokenize import ChatEncoder, EncodedRecord, encode_records, p
 from jaxalign.models.config import ModelConfig, load_config
 from jaxalign.models.hf_io import resolve_model_folder
 from jaxalign.models.lora import LoraConfig
-from jaxalign.pipeline.demo_task import build_demo_assets
+from jaxalign.tasks import Scorer, get_scorer
+from jaxalign.tasks.demo import build_demo_assets
 from jaxalign.pipeline.hosts import barrier, process_zero_first
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.workdir import WorkDir
@@ -48,6 +49,7 @@ class RunContext:
     heldout_pairs: list[dict]  # eval_prefs as pair examples (reward / policy phases' held-out metrics, RM accuracy)
     heldout_sft: list[dict]  # data.eval_prompts' demonstrations as SFT examples (the SFT phase's held-out loss)
     lora: LoraConfig | None = None  # model.lora: training phases train adapters on a frozen base (None: full)
+    scorer: Scorer | None = None  # data.gold_metric's program (eval's gold; policy.reward=gold), None without one
     data_reports: list[DataReport] = dataclasses.field(default_factory=list)
     counters: dict[str, int] = dataclasses.field(default_factory=dict)  # counted skips, reported in the summary
 
@@ -142,7 +144,8 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
                       encoder=encoder, train=train, eval_records=eval_records, eval_prefs=eval_prefs,
                       buckets=length_buckets(cfg.data.max_length, min_length=min(64, cfg.data.max_length)),
                       heldout_pairs=heldout_pairs, heldout_sft=heldout_sft, data_reports=reports,
-                      lora=cfg.model.lora.build())
+                      lora=cfg.model.lora.build(),
+                      scorer=get_scorer(cfg.data.gold_metric) if cfg.data.gold_metric else None)
 
 
 def _check_batches(cfg: Config, phases: list[Phase], mesh: Mesh) -> None:

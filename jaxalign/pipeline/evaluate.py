@@ -1,6 +1,7 @@
 """The eval phase: the policy's greedy answers, the gold metric, RM held-out accuracy and RM win rate, per round.
 
-- gold: the task's exact scorer on each answer (where the data defines one; the demo task does);
+- gold: ``data.gold_metric``'s program on each answer (:mod:`jaxalign.tasks`), with the scorer's parts beside it
+  (``gold_strict``, ``gold_guard`` for the instruction task); eval.json keeps each answer's gold score;
 - rm_heldout_accuracy: the round's reward model on held-out preference pairs, fraction with r(chosen) > r(rejected);
 - rm_demo_vs_sample_accuracy: the round's reward model on held-out (demonstration, own answer) pairs — the eval
   prompts' demonstrations against the greedy answers of the policy that round sampled from (the previous eval's),
@@ -23,7 +24,6 @@ from jaxalign.data.formats import Skip
 from jaxalign.data.report import DataReport
 from jaxalign.data.tokenize import encode_records
 from jaxalign.pipeline.context import RunContext
-from jaxalign.pipeline.demo_task import gold_score
 from jaxalign.pipeline.modelio import load_policy, load_reward
 from jaxalign.pipeline.pairs import strip_eos
 from jaxalign.pipeline.phases import Phase
@@ -79,11 +79,12 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     answers = [ctx.tokenizer.decode(t, skip_special_tokens=True).strip() for t in answers_ids]
     metrics: dict[str, float] = {"answer_length": float(np.mean([len(t) for t in answers_ids])),
                                  "sample_tokens_per_second": res.stats.tokens_per_s}
-    if cfg.data.gold_metric == "demo":
-        metrics["gold"] = float(np.mean([gold_score(_prompt_text(r), a) for r, a in zip(records, answers)]))
-    out = {"metrics": metrics, "prompts": [_prompt_text(r) for r in records],
-           "demonstrations": [r.demonstration or "" for r in records], "answers": answers,
-           "answer_ids": answers_ids}
+    prompts = [_prompt_text(r) for r in records]
+    out = {"metrics": metrics, "prompts": prompts, "demonstrations": [r.demonstration or "" for r in records],
+           "answers": answers, "answer_ids": answers_ids}
+    if ctx.scorer is not None:
+        metrics.update(ctx.scorer.metrics(prompts, answers))
+        out["gold"] = ctx.scorer.scores(prompts, answers).tolist()
     latest = ctx.workdir.latest_reward_model(k)
     if latest is not None:
         rm = load_reward(ctx, latest[1])
@@ -113,9 +114,8 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
             scores = score(flat, [ids for ids in prompt_ids for _ in range(n)]).reshape(len(prompt_ids), n)
             bon_ids = [flat[i * n + int(j)] for i, j in enumerate(np.argmax(scores, axis=1))]
             out["best_of_n_answers"] = [ctx.tokenizer.decode(t, skip_special_tokens=True).strip() for t in bon_ids]
-            if cfg.data.gold_metric == "demo":
-                metrics["bon_gold"] = float(np.mean([gold_score(_prompt_text(r), a)
-                                                     for r, a in zip(records, out["best_of_n_answers"])]))
+            if ctx.scorer is not None:
+                metrics["bon_gold"] = ctx.scorer.metrics(prompts, out["best_of_n_answers"])["gold"]
             if ref is not None:
                 metrics["bon_rm_win_rate_vs_sft"] = _win_rate(scores.max(axis=1), ref)
     if jax.process_index() == 0:

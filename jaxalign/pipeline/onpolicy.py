@@ -38,7 +38,7 @@ from jaxalign.pipeline.modelio import load_policy, load_reward, save_model
 from jaxalign.pipeline.pairs import encode_response, make_pair, strip_eos
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.sample import draw, prompts_of_round
-from jaxalign.pipeline.scoring import score_sequences
+from jaxalign.pipeline.scoring import gold_scores, score_sequences
 from jaxalign.pipeline.training import lora_merged, lora_split
 from jaxalign.train.onpolicy_loop import Rollout, train_onpolicy
 from jaxalign.train.onpolicy_steps import OnPolicySettings, make_rollout_advantages, make_rollout_logps
@@ -65,6 +65,9 @@ def make_scorer(ctx: RunContext, phase: Phase, rows: list[EncodedRecord], reward
     """``(rows, responses, stopped) -> scores`` (float32): the round's RM normalised on the demonstrations, or
     ``reward_fn``; minus the missing-EOS penalty."""
     penalty = ctx.cfg.policy.missing_eos_penalty
+    if reward_fn is None and ctx.cfg.policy.reward == "gold":
+        def reward_fn(rs, responses):
+            return gold_scores(ctx, [r.prompt_ids for r in rs], [strip_eos(ctx, t) for t in responses])
     if reward_fn is None:
         folder = ctx.workdir.reward_model(phase.round)
         if folder is None:

@@ -22,7 +22,7 @@ from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.modelio import load_reward
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.sample import read_samples
-from jaxalign.pipeline.scoring import score_sequences
+from jaxalign.pipeline.scoring import gold_scores, score_sequences
 
 
 def make_pair(enc: EncodedRecord, chosen: EncodedSequence, rejected: EncodedSequence) -> dict:
@@ -88,12 +88,17 @@ def ditto_pairs(ctx: RunContext, round_: int, by_row: dict[int, EncodedRecord]) 
 
 
 def best_of_n_pairs(ctx: RunContext, phase: Phase, s: dict, by_row: dict[int, EncodedRecord]) -> list[dict]:
-    """Score the N samples of each prompt with this round's reward model; pick a pair by ``policy.pair_rule``."""
-    rm = load_reward(ctx, ctx.workdir.reward_model(phase.round))
+    """Score the N samples of each prompt with this round's reward model (``policy.reward=gold``: the gold program);
+    pick a pair by ``policy.pair_rule``."""
     n = s["num_samples"]
     seqs = [encode_response(ctx, by_row[row], sample)
             for i, row in enumerate(s["row_ids"]) for sample in s["samples"][i]]
-    scores = score_sequences(ctx, rm, [q.ids for q in seqs]).reshape(len(s["row_ids"]), n)
+    if ctx.cfg.policy.reward == "gold":
+        flat = gold_scores(ctx, [by_row[row].prompt_ids for row in s["row_ids"] for _ in range(n)],
+                           [strip_eos(ctx, t) for i in range(len(s["row_ids"])) for t in s["samples"][i]])
+    else:
+        flat = score_sequences(ctx, load_reward(ctx, ctx.workdir.reward_model(phase.round)), [q.ids for q in seqs])
+    scores = flat.reshape(len(s["row_ids"]), n)
     key = jax.random.PRNGKey(ctx.cfg.run.seed + phase.round)
     ci, ri = (np.asarray(x) for x in PAIR_RULES[ctx.cfg.policy.pair_rule](jnp.asarray(scores), key))
     return [make_pair(by_row[row], seqs[i * n + ci[i]], seqs[i * n + ri[i]])

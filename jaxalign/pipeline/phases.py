@@ -38,7 +38,7 @@ class Phase:
 def plan(cfg: Config) -> list[Phase]:
     """The ordered phases of a validated config."""
     phases = []
-    if cfg.sft.enabled or cfg.run.method == "sft":
+    if cfg.sft.enabled:  # run.method=sft with sft.enabled=false evaluates the model as given (eval0 only)
         phases.append(Phase("sft", "sft", 0))
     phases.append(Phase("eval0", "eval", 0))
     if cfg.run.method == "sft":

@@ -1,4 +1,5 @@
-"""Reward-model scores of token sequences (prompt + response), for pair selection and evaluation.
+"""Reward-model scores of token sequences (prompt + response), for pair selection and evaluation, and the gold
+program's scores of sampled responses (``policy.reward=gold``).
 
 Scores are the RM's raw outputs. The IRL authors normalise them by the RM's mean / std on the training
 demonstrations before a policy optimises them; the pipeline's consumers today only compare scores of one RM (best-of-N
@@ -43,3 +44,14 @@ def score_sequences(ctx: RunContext, rm_params: dict[str, jax.Array], sequences:
         dev = sharding.global_batch({"ids": ids, "attn": attn}, ctx.mesh)
         out.append(sharding.to_host(fn(rm_params, dev["ids"], dev["attn"]))[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def gold_scores(ctx: RunContext, prompt_ids: Sequence[Sequence[int]],
+                responses: Sequence[Sequence[int]]) -> np.ndarray:
+    """``data.gold_metric``'s scores [N] of responses (token ids, EOS or not) to prompts (token ids): both decoded
+    without special tokens, so the scorer reads the prompt's text as the user wrote it."""
+    if ctx.scorer is None:
+        raise ValueError("gold scores need data.gold_metric")
+    decode = ctx.tokenizer.decode
+    return ctx.scorer.scores([decode(list(p), skip_special_tokens=True) for p in prompt_ids],
+                             [decode(list(r), skip_special_tokens=True).strip() for r in responses])
