@@ -135,7 +135,7 @@ def validate(cfg, where: str = "config") -> None:
     if p.kind != "pairs":
         _check_onpolicy(cfg, need)
     if p.reward == "gold":
-        need(bool(cfg.data.gold_metric), "policy.reward", p.reward,
+        need(bool(cfg.data.gold_metric) or cfg.run.demo_task, "policy.reward", p.reward,
              "the gold reward is data.gold_metric's scorer: name one (" + ", ".join(SCORERS) + ")")
     if cfg.run.method == "irl" and p.pairs == "best_of_n" and p.kind == "pairs":
         need(p.num_samples >= 2, "policy.num_samples", p.num_samples,

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tiny_recipe
@@ -438,3 +439,37 @@ def test_colab_notebook_runs_on_cpu(tiny, jax_cache, tmp_path):
     done = _done(work)
     assert set(done) == {"eval0", "r1_sample", "r1_reward", "r1_policy", "r1_eval"}
     assert done["r1_policy"]["metrics"]["steps"] == 2
+
+
+# ---- the oracle control: best-of-N pairs ranked by the gold program ------------------------------------------------
+
+@pytest.mark.slow
+def test_oracle_pairs_are_ranked_by_the_gold_program(jax_cache, tmp_path):
+    """policy.reward=gold on the demo task: no reward phase; r1/policy picks each prompt's max-min pair by the demo's
+    gold scorer. Its logged gold figures are recomputed here from samples.json with the scorer called directly."""
+    from transformers import AutoTokenizer
+
+    from jaxalign.tasks.demo import gold_score
+
+    work = tmp_path / "oracle"
+    overrides = SHRUNK_DEMO + ["policy.reward=gold", "run.phases=sample,policy,eval", "policy.num_samples=4",
+                               "sample.max_new_tokens=16"]
+    rc, out = _finish(_launch("demo_cpu", work, overrides, jax_cache))
+    assert rc == 0, out[-4000:]
+    done = _done(work)
+    assert set(done) == {"sft", "eval0", "r1_sample", "r1_policy", "r1_eval"}, out[-2000:]
+    m = done["r1_policy"]["metrics"]
+    tok = AutoTokenizer.from_pretrained(work / "assets" / "tokenizer")
+    prompts = [json.loads(line)["messages"][0]["content"]
+               for line in (work / "assets" / "data" / "train.jsonl").read_text().splitlines()]
+    s = json.loads((work / "phases" / "r1_sample" / "samples.json").read_text())
+    gold = np.array([[gold_score(prompts[row], tok.decode([t for t in c if t != tok.eos_token_id],
+                                                           skip_special_tokens=True).strip()) for c in cands]
+                     for row, cands in zip(s["row_ids"], s["samples"])])
+    kept = gold.max(axis=1) != gold.min(axis=1)
+    assert m["samples_gold"] == pytest.approx(gold.mean(), abs=1e-6)
+    assert m["pairs"] == kept.sum() > 0
+    assert m["chosen_gold"] == pytest.approx(gold.max(axis=1)[kept].mean(), abs=1e-6)
+    assert m["rejected_gold"] == pytest.approx(gold.min(axis=1)[kept].mean(), abs=1e-6)
+    assert m["rm_gold_pair_accuracy"] == 1.0  # the gold ranks its own pairs as the gold does
+    assert m["rm_gold_pairs"] == sum((a != b) for g in gold for i, a in enumerate(g) for b in g[i + 1:])

@@ -89,7 +89,7 @@ def test_scorer_registry():
 
 def test_policy_reward_gold_needs_a_gold_metric():
     with pytest.raises(ConfigError, match="policy.reward"):
-        load_config("demo_cpu", ["policy.reward=gold", "run.demo_task=false"])
+        load_config("demo_cpu", ["policy.reward=gold", "run.demo_task=false", "data.gold_metric="])
     load_config("demo_cpu", ["policy.reward=gold", "data.gold_metric=demo", "run.phases=sample,policy,eval"])
     with pytest.raises(ConfigError, match="data.gold_metric"):
         load_config("demo_cpu", ["data.gold_metric=ifeval"])

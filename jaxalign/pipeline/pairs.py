@@ -56,17 +56,18 @@ def reward_pairs(ctx: RunContext, round_: int) -> list[dict]:
     return pairs
 
 
-def policy_pairs(ctx: RunContext, phase: Phase) -> list[dict]:
+def policy_pairs(ctx: RunContext, phase: Phase) -> tuple[list[dict], dict[str, float]]:
+    """The policy phase's pairs, and what is measured on the way (best_of_n with a gold metric: see below)."""
     pairs = ctx.cfg.policy.pairs
     if pairs == "dataset":
-        return [pair_example(e) for e in ctx.train if e.rejected is not None]
+        return [pair_example(e) for e in ctx.train if e.rejected is not None], {}
     by_row = {e.row_id: e for e in ctx.train}
     s = read_samples(ctx, phase.round)
     if pairs == "demo_vs_sample":
         return [make_pair(by_row[row], by_row[row].chosen, encode_response(ctx, by_row[row], s["samples"][i][0]))
-                for i, row in enumerate(s["row_ids"])]
+                for i, row in enumerate(s["row_ids"])], {}
     if pairs == "ditto":
-        return ditto_pairs(ctx, phase.round, by_row)
+        return ditto_pairs(ctx, phase.round, by_row), {}
     return best_of_n_pairs(ctx, phase, s, by_row)
 
 
@@ -87,19 +88,39 @@ def ditto_pairs(ctx: RunContext, round_: int, by_row: dict[int, EncodedRecord]) 
     return out
 
 
-def best_of_n_pairs(ctx: RunContext, phase: Phase, s: dict, by_row: dict[int, EncodedRecord]) -> list[dict]:
+def best_of_n_pairs(ctx: RunContext, phase: Phase, s: dict, by_row: dict[int, EncodedRecord]
+                    ) -> tuple[list[dict], dict[str, float]]:
     """Score the N samples of each prompt with this round's reward model (``policy.reward=gold``: the gold program);
-    pick a pair by ``policy.pair_rule``."""
-    n = s["num_samples"]
-    seqs = [encode_response(ctx, by_row[row], sample)
-            for i, row in enumerate(s["row_ids"]) for sample in s["samples"][i]]
+    pick a pair by ``policy.pair_rule``.
+
+    With a gold metric, also measured: ``samples_gold`` (the mean gold of the N samples), ``chosen_gold`` /
+    ``rejected_gold`` (of the picked pairs) and ``rm_gold_pair_accuracy``: over every two samples of a prompt whose
+    gold differs (``rm_gold_pairs`` of them), how often the scores order them as the gold does (a tie counts 1/2)."""
+    n, rows = s["num_samples"], s["row_ids"]
+    seqs = [encode_response(ctx, by_row[row], sample) for i, row in enumerate(rows) for sample in s["samples"][i]]
+    gold = None
+    if ctx.scorer is not None:
+        gold = gold_scores(ctx, [by_row[row].prompt_ids for row in rows for _ in range(n)],
+                           [strip_eos(ctx, t) for i in range(len(rows)) for t in s["samples"][i]]).reshape(-1, n)
     if ctx.cfg.policy.reward == "gold":
-        flat = gold_scores(ctx, [by_row[row].prompt_ids for row in s["row_ids"] for _ in range(n)],
-                           [strip_eos(ctx, t) for i in range(len(s["row_ids"])) for t in s["samples"][i]])
+        scores = gold
     else:
-        flat = score_sequences(ctx, load_reward(ctx, ctx.workdir.reward_model(phase.round)), [q.ids for q in seqs])
-    scores = flat.reshape(len(s["row_ids"]), n)
+        rm = load_reward(ctx, ctx.workdir.reward_model(phase.round))
+        scores = score_sequences(ctx, rm, [q.ids for q in seqs]).reshape(len(rows), n)
     key = jax.random.PRNGKey(ctx.cfg.run.seed + phase.round)
     ci, ri = (np.asarray(x) for x in PAIR_RULES[ctx.cfg.policy.pair_rule](jnp.asarray(scores), key))
-    return [make_pair(by_row[row], seqs[i * n + ci[i]], seqs[i * n + ri[i]])
-            for i, row in enumerate(s["row_ids"]) if ci[i] != ri[i]]
+    keep = [i for i in range(len(rows)) if ci[i] != ri[i]]
+    pairs = [make_pair(by_row[rows[i]], seqs[i * n + ci[i]], seqs[i * n + ri[i]]) for i in keep]
+    if gold is None:
+        return pairs, {}
+    metrics = {"samples_gold": float(gold.mean())}
+    if keep:
+        metrics.update(chosen_gold=float(np.mean([gold[i, ci[i]] for i in keep])),
+                       rejected_gold=float(np.mean([gold[i, ri[i]] for i in keep])))
+    agree = [float(np.sign(scores[i, a] - scores[i, b]) == np.sign(gold[i, a] - gold[i, b])) if scores[i, a] !=
+             scores[i, b] else 0.5 for i in range(len(rows)) for a in range(n) for b in range(a + 1, n)
+             if gold[i, a] != gold[i, b]]
+    metrics["rm_gold_pairs"] = float(len(agree))
+    if agree:
+        metrics["rm_gold_pair_accuracy"] = float(np.mean(agree))
+    return pairs, metrics

@@ -26,7 +26,7 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     cfg = ctx.cfg
     if cfg.policy.kind != "pairs":  # rloo / grpo / ppo / online_dil: the policy samples itself
         return onpolicy.run(ctx, phase)
-    pairs = policy_pairs(ctx, phase)
+    pairs, measured = policy_pairs(ctx, phase)
     start = ctx.workdir.policy_model(phase.round - 1)
     params = load_policy(ctx, start)
     step = cfg.policy.step()
@@ -48,4 +48,4 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
         step, ref_params = cfg.policy.step(reference_logps="base"), None
     trained = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params, heldout=heldout)
     save_model(ctx, trained.params, phase, adapters=trained.adapters, base=start)
-    return {**final_metrics(ctx, phase), "pairs": len(pairs)}
+    return {**final_metrics(ctx, phase), **measured, "pairs": len(pairs)}
