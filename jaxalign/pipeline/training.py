@@ -86,8 +86,8 @@ def final_metrics(ctx: RunContext, phase: Phase) -> dict[str, float]:
     out = {k: last[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last}
     evals = [r for r in logged if r.get("split") == "eval"]
     if evals:
-        out.update({f"eval_{k}": evals[-1][k] for k in ("loss", "rewards/accuracies", "rewards/margins")
-                    if k in evals[-1]})
+        out.update({f"eval_{k}": evals[-1][k] for k in ("loss", "rewards/accuracies", "rewards/margins",
+                                                       "rewards/accuracies_length_matched") if k in evals[-1]})
     out["tokens_per_second"] = float(np.mean([r["tokens_per_second"] for r in rows[1:] or rows]))
     out["steps"] = len(rows)
     return out

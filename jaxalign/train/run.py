@@ -76,26 +76,50 @@ def make_dataset(kind: str, examples: Sequence[dict], s: PhaseSettings, *, pad_i
     return pair_dataset(examples, **common)
 
 
+LENGTH_MATCH = 0.1  # a held-out pair is length-matched when its responses' token counts differ by <= 10%
+
+
+def length_matched(pair: dict) -> bool:
+    """Whether a pair example's chosen and rejected responses have about the same length (within LENGTH_MATCH of the
+    longer one, at least one token), so that its accuracy cannot come from preferring the longer or shorter one."""
+    lc, lr = int(sum(pair["chosen_mask"])), int(sum(pair["rejected_mask"]))
+    return abs(lc - lr) <= max(1, LENGTH_MATCH * max(lc, lr))
+
+
 def make_evaluator(cfg: ModelConfig, step_cfg: StepConfig, mesh, examples: Sequence[dict], *, batch_size: int,
                    pad_id: int, buckets: Sequence[int], ref_params=None,
                    frozen=None) -> Callable[[Any], dict[str, float]] | None:
     """``evaluate(state) -> metrics``: the step's loss and metrics on held-out ``examples``, the mean over full batches
-    of ``batch_size`` (a remainder smaller than a batch is left out); None when not one batch is there."""
+    of ``batch_size`` (a remainder smaller than a batch is left out); None when not one batch is there. For pairs, also
+    ``rewards/accuracies_length_matched`` over the :func:`length_matched` pairs (and their count ``length_matched``)
+    when they fill a batch."""
     n = len(examples) // batch_size * batch_size
     if not n:
         return None
     pad = pad_sft_batch if step_cfg.kind == "sft" else pad_pair_batch
-    batches = [{k: v for k, v in pad(examples[i:i + batch_size], pad_id=pad_id, buckets=buckets).items()
-                if k != "row_id"} for i in range(0, n, batch_size)]
+
+    def batches_of(rows):
+        return [{k: v for k, v in pad(rows[i:i + batch_size], pad_id=pad_id, buckets=buckets).items()
+                 if k != "row_id"} for i in range(0, len(rows) // batch_size * batch_size, batch_size)]
+
+    batches = batches_of(examples)
+    matched = batches_of([e for e in examples if length_matched(e)]) if step_cfg.kind != "sft" else []
     fn = make_eval_step(cfg, step_cfg, mesh)
     extra = step_cfg.extra_args(frozen, ref_params)
 
-    def evaluate(state) -> dict[str, float]:
+    def mean_over(params, bs) -> dict[str, float]:
         sums: dict[str, float] = {}
-        for host in batches:
-            for k, v in jax.device_get(fn(state.params, sharding.global_batch(host, mesh), *extra)).items():
+        for host in bs:
+            for k, v in jax.device_get(fn(params, sharding.global_batch(host, mesh), *extra)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        return {k: v / len(batches) for k, v in sums.items()}
+        return {k: v / len(bs) for k, v in sums.items()}
+
+    def evaluate(state) -> dict[str, float]:
+        out = mean_over(state.params, batches)
+        if matched and "rewards/accuracies" in out:
+            out["rewards/accuracies_length_matched"] = mean_over(state.params, matched)["rewards/accuracies"]
+            out["length_matched"] = float(len(matched) * batch_size)
+        return out
 
     return evaluate
 
