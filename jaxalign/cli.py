@@ -2,6 +2,7 @@
 
     jaxalign --config ultrachat_dil [--workdir DIR] [key=value ...]      (or: python launch/tpu_run.py ...)
     jaxalign --config ultrachat_dil --plan v5p:4x4x4     # AOT memory / FLOPs plan, no TPU needed
+    jaxalign --config zephyr_dpo_config_full.yaml num_processes=8   # a TRL / alignment-handbook recipe file
     jaxalign --list-configs                               # the recipes that ship with jaxalign
 
 Exit codes: 0 done; 2 bad input (a one-paragraph message, nothing compiled); 75 preempted (SIGTERM / SIGINT: the
@@ -107,7 +108,11 @@ class _ParserWithKeys(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     ap = _ParserWithKeys(prog="jaxalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="demo_cpu", help="a name in configs/ or a YAML path (default: demo_cpu)")
+    ap.add_argument("--config", default="demo_cpu", help="a name in configs/ or a YAML path (default: demo_cpu); a "
+                    "TRL / alignment-handbook recipe runs through the name map of docs/trl_users.md")
+    ap.add_argument("--trainer", default="", metavar="NAME",
+                    help="the TRL trainer a TRL recipe is for (sft, dpo, cpo, grpo, rloo) where neither its path nor "
+                         "its keys tell")
     ap.add_argument("--workdir", default=None, help="where the run writes (default runs/<run.name>); a local folder or a bucket (gs://BUCKET/PATH); on several hosts one all of them see")
     ap.add_argument("--plan", default=None, metavar="TOPOLOGY", help="AOT-compile every phase for a TPU topology")
     ap.add_argument("--force", action="store_true", help="redo phases whose config changed / reuse another run's dir")
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.metrics import TrackerError
     from jaxalign.models.config import ModelConfigError
     try:
-        cfg = config_lib.load(args.config, args.overrides)
+        cfg = config_lib.load(args.config, args.overrides, trainer=args.trainer,
+                              echo=lambda text: print(text, flush=True))
         if args.workdir:
             cfg.run.workdir = args.workdir
         print("# resolved config\n" + config_lib.dump(cfg), flush=True)

@@ -12,37 +12,21 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import importlib.util
 import typing
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from jaxalign.config_checks import DEFAULT_ROUND, ONLINE_ROUND, ConfigError, validate
-from jaxalign.losses import Objective, get_objective
 from jaxalign.config_lora import Lora
+# CONFIG_DIR and resolve_config_path stay importable from here (cli, plan, tests)
+from jaxalign.config_paths import CONFIG_DIR, parse_override, read_recipe, resolve_config_path  # noqa: F401
+from jaxalign.losses import Objective, get_objective
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
 from jaxalign.train.steps import StepConfig
-
-
-def _config_dir() -> Path:
-    """The recipes: the top-level configs/ of a source checkout (tests, editable installs, launch/tpu_run.py), else the
-    copy an installed wheel carries as the package jaxalign.configs (pyproject.toml maps configs/ there)."""
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
-        return checkout / "configs"
-    try:  # configs/ has no __init__.py: a namespace package, whose folder is its search location
-        spec = importlib.util.find_spec("jaxalign.configs")
-    except ImportError:
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return checkout / "configs"  # neither: resolve_config_path's error names this folder
-
-
-CONFIG_DIR = _config_dir()
+from jaxalign.trl_names import trl_names
+from jaxalign.trl_recipe import map_recipe
 
 
 @dataclasses.dataclass
@@ -169,6 +153,10 @@ class Policy(Train):
     objective: str = "dil_lsif"  # any name in jaxalign.losses.OBJECTIVES
     beta: float = -1.0  # -1 = the objective's default
     reduce: str = ""  # "" = the objective's default (sum for dpo, mean for dil / simpo / ipo)
+    # dpo / cdpo / robust: the assumed rate eps of flipped labels (TRL label_smoothing); -1 = the objective's default
+    # (0 for dpo, 0.1 for cdpo / robust)
+    label_smoothing: float = -1.0
+    simpo_gamma: float = -1.0  # simpo: the target reward margin gamma (TRL simpo_gamma); -1 = the default, 0.5
     reference: str = "sft"  # sft | previous (SPIN: the previous round's policy)
     # compute the reference's log-probs once before the phase (cached on disk) instead of holding the reference
     # weights and running their forward in every step: less HBM, fewer FLOPs per step (TRL: precompute_ref_log_probs)
@@ -189,6 +177,7 @@ class Policy(Train):
     rollout_batch_size: int = 0
     inner_epochs: int = 1  # passes over a rollout batch (TRL num_ppo_epochs=4 for PPO / RLOO; GRPO num_iterations=1)
     clip: float = 0.2  # ratio clip of the policy loss and value clip of PPO (TRL cliprange / cliprange_value 0.2)
+    clip_high: float = 0.0  # upper ratio clip 1 + clip_high: DAPO's clip-higher (TRL epsilon_high); 0 = policy.clip
     kl_coef: float = 0.05  # KL to the reference: in the reward (rloo k1, ppo per-token k1) or the loss (grpo k3)
     vf_coef: float = 0.1  # PPO value-loss weight (TRL vf_coef 0.1)
     gamma: float = 1.0  # PPO discount (TRL 1.0)
@@ -197,12 +186,15 @@ class Policy(Train):
     length_norm: str = "sequence"  # GRPO token-loss normaliser: sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
     whiten_advantages: bool = True  # PPO: whiten GAE advantages (TRL always); RLOO: TRL normalize_advantage
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response that does not end (TRL; 0 = off)
+    kl_bias_correction: bool = True  # GRPO: k3 x pi / pi_old, unbiased off-policy (TRL use_bias_correction_kl)
 
     def build_objective(self) -> Objective:
-        """The objective with the recipe's overrides (beta, reduce) bound in; ValueError for a bad combination."""
+        """The objective with the recipe's overrides (beta, label_smoothing, simpo_gamma, reduce) bound in;
+        ValueError for a bad combination."""
         overrides: dict[str, Any] = {}
-        if self.beta != -1:
-            overrides["beta"] = self.beta
+        for key, hparam in (("beta", "beta"), ("label_smoothing", "label_smoothing"), ("simpo_gamma", "gamma")):
+            if getattr(self, key) != -1:
+                overrides[hparam] = getattr(self, key)
         if self.reduce:
             overrides["reduce"] = self.reduce
         return get_objective(self.objective, **overrides)[1]
@@ -301,9 +293,10 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, valid_keys() + list(trl_names()), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"{where}: unknown config key {key!r}.{hint} Valid keys: {', '.join(valid_keys())}.")
+    return ConfigError(f"{where}: unknown config key {key!r}.{hint} Valid keys: {', '.join(valid_keys())}; and the "
+                       f"TRL / alignment-handbook names of docs/trl_users.md.")
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -370,36 +363,25 @@ def _set(raw: dict, dotted: str, value: Any, where: str, text: str | None = None
     node[parts[-1]] = value
 
 
-def resolve_config_path(name: str) -> Path:
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    for cand in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / name):
-        if cand.is_file():
-            return cand
-    available = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {name!r} not found: neither a YAML file nor a name in {CONFIG_DIR}. "
-                      f"Available: {', '.join(available)}.")
-
-
-def load(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (a name in configs/ or a path) and apply ``key=value`` overrides."""
+def load(name: str, overrides: list[str] | tuple[str, ...] = (), *, trainer: str = "",
+         echo: Callable[[str], None] | None = None) -> Config:
+    """Read a YAML recipe (a name in configs/ or a path) and apply ``key=value`` overrides. A TRL /
+    alignment-handbook recipe (or TRL names among the overrides) goes through the name map first
+    (:mod:`jaxalign.trl_recipe`): ``echo`` gets its table, refused keys raise ConfigError; ``trainer`` names the TRL
+    trainer where the recipe's path and keys do not."""
     path = resolve_config_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except Exception as e:  # YAMLError, and ValueError / TypeError from YAML's constructors (e.g. a date 2024-13-45)
-        raise ConfigError(f"{path}: not valid YAML ({type(e).__name__}: {e}).") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...).")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. policy.learning_rate=5e-7).")
-        key, _, text = item.partition("=")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except Exception:  # not YAML (or a YAML constructor failed, e.g. "2024-13-45"): the text as typed
-            value = text
-        _set(raw, key.strip(), value, "command line", text)
+    raw = read_recipe(path)
+    items = [parse_override(item) for item in overrides]
+    trl = map_recipe(raw, items, path=path, trainer=trainer, sections=tuple(_fields(Config)))
+    if trl is not None:
+        raw, items = trl.sections, trl.ours
+        for key, value in trl.assignments():
+            _set(raw, key, value, f"{path} (TRL name map)")
+        if echo is not None:
+            echo(trl.table())
+        trl.check()
+    for key, value, text in items:
+        _set(raw, key, value, "command line", text)
     cfg = _build(Config, raw, "", str(path))
     validate(cfg, where=str(path) + (" + command line" if overrides else ""))
     return cfg

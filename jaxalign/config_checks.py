@@ -132,6 +132,8 @@ def validate(cfg, where: str = "config") -> None:
     number("policy.gamma", p.gamma, low=0.0, high=1.0)
     number("policy.lam", p.lam, low=0.0, high=1.0)
     number("policy.missing_eos_penalty", p.missing_eos_penalty, low=0.0)
+    number("policy.clip_high", p.clip_high, low=0.0)
+    _check_objective_options(p, need)
     if p.kind != "pairs":
         _check_onpolicy(cfg, need)
     if p.reward == "gold":
@@ -193,6 +195,21 @@ def _check_lora(cfg, need, number) -> None:
          f"{unknown or 'none'}; a target the model lacks, e.g. gate on GPT-NeoX, is skipped)")
     need(lo.base_dtype in ("",) + DTYPES, "model.lora.base_dtype", lo.base_dtype,
          f"the frozen base's dtype: '' (= model.param_dtype) or one of {', '.join(DTYPES)}")
+
+
+def _check_objective_options(p, need) -> None:
+    """policy.label_smoothing / simpo_gamma: in range, and for an objective that has the option (-1 = its default)."""
+    for key, hparam, ok, what in (
+            ("label_smoothing", "label_smoothing", lambda v: 0.0 <= v < 0.5, "a rate of flipped labels in [0, 0.5)"),
+            ("simpo_gamma", "gamma", lambda v: 0.0 <= v, "a target margin >= 0")):
+        value = getattr(p, key)
+        if value == -1:
+            continue
+        need(math.isfinite(value) and ok(value), f"policy.{key}", value, f"{what}, or -1 for the objective's default")
+        if p.objective in OBJECTIVES:
+            has = sorted(n for n, o in OBJECTIVES.items() if hparam in o.defaults)
+            need(hparam in OBJECTIVES[p.objective].defaults, f"policy.{key}", value,
+                 f"policy.objective={p.objective} has no {hparam}; the objectives that do: {', '.join(has)}")
 
 
 def _check_onpolicy(cfg, need) -> None:

@@ -49,11 +49,17 @@ RewardFn = Callable[[Sequence[EncodedRecord], Sequence[Sequence[int]]], np.ndarr
 
 
 def settings(ctx: RunContext) -> OnPolicySettings:
-    p, s = ctx.cfg.policy, ctx.cfg.sample
-    return OnPolicySettings(kind=p.kind, num_samples=samples_per_prompt(ctx.cfg), temperature=s.temperature or 1.0,
-                            clip=p.clip, kl_coef=p.kl_coef, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
-                            grpo_scale=p.grpo_scale, length_norm=p.length_norm,
-                            whiten_advantages=p.whiten_advantages, max_new_tokens=s.max_new_tokens)
+    return settings_of(ctx.cfg)
+
+
+def settings_of(cfg) -> OnPolicySettings:
+    """The on-policy step's settings from the policy / sample sections (the planner compiles the same ones)."""
+    p, s = cfg.policy, cfg.sample
+    return OnPolicySettings(kind=p.kind, num_samples=samples_per_prompt(cfg), temperature=s.temperature or 1.0,
+                            clip=p.clip, clip_high=p.clip_high or None, kl_coef=p.kl_coef, vf_coef=p.vf_coef,
+                            gamma=p.gamma, lam=p.lam, grpo_scale=p.grpo_scale, length_norm=p.length_norm,
+                            whiten_advantages=p.whiten_advantages, max_new_tokens=s.max_new_tokens,
+                            kl_bias_correction=p.kl_bias_correction)
 
 
 def samples_per_prompt(cfg) -> int:

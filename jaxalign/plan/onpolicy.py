@@ -30,15 +30,12 @@ def onpolicy_inputs(cfg, mcfg, mesh):
     from jaxalign.models.value import VALUE_AXES, VALUE_HEAD
     from jaxalign.plan.phases import abstract_params, lora_split_abstract, sds
     from jaxalign.sharding import batch_sharding, named_sharding
-    from jaxalign.train.onpolicy_steps import OnPolicySettings
+    from jaxalign.pipeline.onpolicy import settings_of
     from jaxalign.train.steps import StepConfig
 
     p = cfg.policy
-    n = p.num_samples if p.kind in ("rloo", "grpo") else 1
-    s = OnPolicySettings(kind=p.kind, num_samples=n, temperature=cfg.sample.temperature or 1.0, clip=p.clip,
-                         kl_coef=p.kl_coef, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam, grpo_scale=p.grpo_scale,
-                         length_norm=p.length_norm, whiten_advantages=p.whiten_advantages,
-                         max_new_tokens=cfg.sample.max_new_tokens)
+    s = settings_of(cfg)
+    n = s.num_samples
 
     step_cfg = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=s)
     params = abstract_params(mcfg, mesh)

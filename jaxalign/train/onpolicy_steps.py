@@ -34,6 +34,7 @@ class OnPolicySettings:
     num_samples: int = 1  # N per prompt (rloo / grpo groups)
     temperature: float = 1.0
     clip: float = 0.2
+    clip_high: float | None = None  # DAPO's clip-higher: the ratio's upper bound 1 + clip_high (None = clip)
     kl_coef: float = 0.05
     vf_coef: float = 0.1
     gamma: float = 1.0
@@ -116,13 +117,14 @@ def onpolicy_loss_fn(params, cfg: ModelConfig, batch, s: OnPolicySettings, **fwd
     if s.kind == "rloo":  # TRL RLOOTrainer: the ratio of whole-sequence probabilities
         seq, old_seq = (jnp.sum(jnp.where(mask != 0, x, 0.0), axis=-1, keepdims=True) for x in (logp, old))
         ones = jnp.ones_like(seq)
-        loss, metrics = ppo_policy_loss(seq, old_seq, batch["advantages"][:, None], ones, clip=s.clip)
+        loss, metrics = ppo_policy_loss(seq, old_seq, batch["advantages"][:, None], ones, clip=s.clip,
+                                        clip_high=s.clip_high)
     elif s.kind == "grpo":
         loss, metrics = grpo_loss(logp, old, batch["ref_logps"], batch["advantages"], mask, clip=s.clip,
-                                  kl_coef=s.kl_coef, length_norm=s.length_norm, max_len=s.max_new_tokens,
-                                  kl_bias_correction=s.kl_bias_correction)
+                                  clip_high=s.clip_high, kl_coef=s.kl_coef, length_norm=s.length_norm,
+                                  max_len=s.max_new_tokens, kl_bias_correction=s.kl_bias_correction)
     else:
-        policy, metrics = ppo_policy_loss(logp, old, batch["advantages"], mask, clip=s.clip)
+        policy, metrics = ppo_policy_loss(logp, old, batch["advantages"], mask, clip=s.clip, clip_high=s.clip_high)
         value, vmetrics = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=s.clip)
         loss = policy + s.vf_coef * value
         metrics = {**metrics, **vmetrics}
