@@ -25,8 +25,8 @@ from jaxalign.losses import Objective, get_objective
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
 from jaxalign.train.steps import StepConfig
-from jaxalign.trl_names import trl_names
-from jaxalign.trl_recipe import map_recipe
+from jaxalign.trl_recipes.names import trl_names
+from jaxalign.trl_recipes.recipe import map_recipe
 
 
 @dataclasses.dataclass
@@ -367,8 +367,8 @@ def load(name: str, overrides: list[str] | tuple[str, ...] = (), *, trainer: str
          echo: Callable[[str], None] | None = None) -> Config:
     """Read a YAML recipe (a name in configs/ or a path) and apply ``key=value`` overrides. A TRL /
     alignment-handbook recipe (or TRL names among the overrides) goes through the name map first
-    (:mod:`jaxalign.trl_recipe`): ``echo`` gets its table, refused keys raise ConfigError; ``trainer`` names the TRL
-    trainer where the recipe's path and keys do not."""
+    (:mod:`jaxalign.trl_recipes.recipe`): ``echo`` gets its table, refused keys raise ConfigError; ``trainer``
+    names the TRL trainer where the recipe's path and keys do not."""
     path = resolve_config_path(name)
     raw = read_recipe(path)
     items = [parse_override(item) for item in overrides]

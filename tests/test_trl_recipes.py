@@ -1,4 +1,4 @@
-"""TRL / alignment-handbook recipe files run as written, through the name map (jaxalign/trl_recipe.py, docs/trl_users.md).
+"""TRL / alignment-handbook recipe files run as written, through the name map (jaxalign/trl_recipes/recipe.py, docs/trl_users.md).
 
 - The real recipe files under tests/data/trl_recipes/ (each with a header naming its repository, path and commit):
   every one maps to the settings its TRL trainer would use (global batch, objective, beta, learning rate, schedule,
@@ -8,7 +8,7 @@
   did-you-mean suggestions know TRL names.
 - The loss options a user tunes (``policy.label_smoothing``, ``policy.simpo_gamma``, ``policy.clip_high``,
   ``policy.kl_bias_correction``) reach the objective / the on-policy step.
-- TRL 1.16's defaults in jaxalign/trl_names.py against the installed TRL.
+- TRL 1.16's defaults in jaxalign/trl_recipes/names.py against the installed TRL.
 - End to end (slow): the zephyr-7b-beta DPO recipe on a tiny random-init Llama and local preference slices, through
   the launcher in a subprocess, with the hub model and dataset replaced by overrides.
 """
@@ -284,11 +284,11 @@ def test_clip_high_changes_the_grpo_loss_as_trl_epsilon_high():
     assert float(sym) == pytest.approx(-(1.2 + 1.1) / 2) and float(high) == pytest.approx(-(1.28 + 1.1) / 2)
 
 
-# ---- TRL's defaults as written in jaxalign/trl_names.py ------------------------------------------------------------
+# ---- TRL's defaults as written in jaxalign/trl_recipes/names.py ------------------------------------------------------------
 
 def test_trl_defaults_match_the_installed_trl():
     trl = pytest.importorskip("trl")
-    from jaxalign.trl_names import TRL_DEFAULTS
+    from jaxalign.trl_recipes.names import TRL_DEFAULTS
 
     classes = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}
     ours_only = {"warmup_ratio", "bf16"}  # transformers 5 folds warmup_ratio into warmup_steps; bf16 None -> True

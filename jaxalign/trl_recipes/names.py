@@ -4,8 +4,8 @@ A TRL recipe is a flat YAML mapping of the trainer's config fields (``learning_r
 ``per_device_train_batch_size``, ...), the model arguments (``model_name_or_path``, ``lora_r``, ...) and the script's
 dataset arguments (``dataset_name``, the handbook's ``dataset_mixture``). Every name below falls in one of three kinds:
 
-- mapped: it sets one or more jaxalign keys (the translation is :mod:`jaxalign.trl_recipe`, datasets
-  :mod:`jaxalign.trl_data`);
+- mapped: it sets one or more jaxalign keys (the translation is :mod:`jaxalign.trl_recipes.recipe`, datasets
+  :mod:`jaxalign.trl_recipes.data`);
 - not applicable: it only tunes PyTorch or the Trainer's bookkeeping (kernels, dataloader workers, when to log or
   save) and changes nothing jaxalign trains; it is listed in the table, never fatal;
 - refused: it changes what is trained in a way jaxalign cannot reproduce (a loss jaxalign lacks, 4-bit weights,

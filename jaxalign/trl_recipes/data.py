@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxalign.trl_names import Recipe, Row, not_applicable, refuse
+from jaxalign.trl_recipes.names import Recipe, Row, not_applicable, refuse
 
 DATASET_KEYS = ("dataset_mixture", "datasets", "test_split_size", "dataset_mixer", "dataset_splits", "dataset_name",
                 "dataset_config", "dataset_train_split", "dataset_test_split")

@@ -1,13 +1,13 @@
 """The training keys of a TRL / alignment-handbook recipe -> jaxalign keys: one function per TRL key (or per group of
 keys that combine, as the batch size does), each returning the table rows it makes. The table of names and TRL's
-defaults is :mod:`jaxalign.trl_names`; the datasets are :mod:`jaxalign.trl_data`.
+defaults is :mod:`jaxalign.trl_recipes.names`; the datasets are :mod:`jaxalign.trl_recipes.data`.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
-from jaxalign.trl_names import (ADAMW, DPO_LOSSES, GRPO_LOSSES, LORA_MODULES, PEFT_DEFAULT_TARGETS, Recipe, Row,
+from jaxalign.trl_recipes.names import (ADAMW, DPO_LOSSES, GRPO_LOSSES, LORA_MODULES, PEFT_DEFAULT_TARGETS, Recipe, Row,
                                 not_applicable, refuse)
 
 Handler = Callable[[Recipe, str, Any], list[Row]]

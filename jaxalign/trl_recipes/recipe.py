@@ -5,7 +5,7 @@
 A YAML file whose top-level keys are TRL names (``model_name_or_path``, ``loss_type``, ...) rather than jaxalign's
 sections is such a recipe. :func:`map_recipe` decides the trainer (``--trainer``, else the recipe's path — the
 handbook files live in ``recipes/<model>/<trainer>/`` — else keys only one trainer has), translates every key
-(:mod:`jaxalign.trl_training`, :mod:`jaxalign.trl_data`; TRL's defaults fill what the recipe leaves out), and returns
+(:mod:`jaxalign.trl_recipes.training`, :mod:`jaxalign.trl_recipes.data`; TRL's defaults fill what the recipe leaves out), and returns
 the jaxalign keys to set, the table printed before the run, and the refusal (exit 2, one paragraph) when a key asks
 for something jaxalign cannot do. TRL names typed on the command line (``loss_type=ipo beta=0.05``) join the recipe's
 keys; with a jaxalign recipe they are translated alone. A jaxalign key, on the command line or as a section in the
@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxalign.config_checks import ConfigError
-from jaxalign.trl_data import DATASET_KEYS, dataset_rows
-from jaxalign.trl_names import (AT_DEFAULT_LIFTED_BY, AT_DEFAULT_ONLY, DEFAULT_ALIASES, LOSS_TYPES,
+from jaxalign.trl_recipes.data import DATASET_KEYS, dataset_rows
+from jaxalign.trl_recipes.names import (AT_DEFAULT_LIFTED_BY, AT_DEFAULT_ONLY, DEFAULT_ALIASES, LOSS_TYPES,
                                 NOT_APPLICABLE, REFUSED, REFUSED_TRAINERS, TRAINER_HINTS, TRAINERS, TRL_DEFAULTS,
                                 Recipe, Row, not_applicable, refuse, trl_names)
-from jaxalign.trl_training import HANDLERS
+from jaxalign.trl_recipes.training import HANDLERS
 
 DONE = ("mapped", "default")  # rows whose jaxalign key is set
 
