@@ -27,13 +27,14 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
 
     from jaxalign import sharding
     from jaxalign.flops import flops_per_token
+    from jaxalign.pipeline.sample import candidates_per_prompt
     from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
     from jaxalign.sampling.memory import sampling_bytes_per_device, shrunk_batch
     from jaxalign.sampling.sampler import bucket_length, stop_id_buffer
 
     scfg = mcfg.replace(remat="none")
     if phase == "sample":
-        n = cfg.policy.num_samples if cfg.policy.pairs == "best_of_n" and cfg.run.method != "afd" else 1
+        n = candidates_per_prompt(cfg)  # the sample phase's own count (DITTO draws N too)
         temperature, max_new = cfg.sample.temperature, cfg.sample.max_new_tokens
     else:
         n, temperature, max_new = 1, cfg.eval.temperature, cfg.eval.max_new_tokens
