@@ -116,6 +116,18 @@ def batch_shards(mesh: Mesh | None, rules=RULES) -> int:
     return math.prod(mesh.shape[a] for a in (rules["batch"] or ()) if a in mesh.shape)
 
 
+def batch_split_problem(name: str, batch_size: int, accum_steps: int, mesh: Mesh | None) -> str | None:
+    """Why ``name``'s global batch cannot be split into ``accum_steps`` micro-batches that each divide over the mesh's
+    batch shards, or None when it can. The run and the planner both ask this one question."""
+    b, k, shards = batch_size, max(1, accum_steps), batch_shards(mesh)
+    if b % k == 0 and (b // k) % shards == 0:
+        return None
+    return (f"{name}.batch_size={b} with {name}.accum_steps={k} gives micro-batches of {b / k:g} rows, which must "
+            f"divide evenly over the mesh's {shards} batch shards (mesh.data x mesh.fsdp"
+            f"{' = ' + str(dict(mesh.shape)) if mesh is not None else ''}); choose batch_size a multiple of "
+            f"accum_steps x {shards}.")
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=RULES) -> dict[str, jax.Array]:
     """Turn each process's local batch into global arrays sharded over the batch axes.
 

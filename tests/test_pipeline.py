@@ -136,7 +136,12 @@ def test_bad_input_mesh_and_batch(launcher, capsys, tmp_path, tiny):
     assert "mesh: data*fsdp*tensor = 1*3*1 = 3 but there are 8 devices" in err
     err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["policy.batch_size=12",
                                                                           "policy.accum_steps=1"])
-    assert "policy.batch_size=12 does not divide over the 8 batch shards" in err
+    assert "policy.batch_size=12 with policy.accum_steps=1 gives micro-batches of 12 rows" in err
+    assert "the mesh's 8 batch shards" in err
+    # the micro-batch, not only the global batch: 16 pairs in 4 micro-batches of 4 cannot split over 8 devices
+    err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["policy.batch_size=16",
+                                                                          "policy.accum_steps=4"])
+    assert "micro-batches of 4 rows" in err
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])

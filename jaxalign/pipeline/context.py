@@ -149,13 +149,11 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
 
 
 def _check_batches(cfg: Config, phases: list[Phase], mesh: Mesh) -> None:
-    """Every training phase's global batch is split over the mesh's batch shards: refuse a size that does not divide
+    """Every training phase's micro-batches are split over the mesh's batch shards: refuse a size that does not divide
     now, not after the phases before it have run."""
-    shards = sharding.batch_shards(mesh)
     kinds = {p.kind for p in phases}
     for kind in ("sft", "reward", "policy"):
-        size = getattr(cfg, kind).batch_size
-        if kind in kinds and size % shards:
-            raise ConfigError(
-                f"{kind}.batch_size={size} does not divide over the {shards} batch shards of the mesh "
-                f"(mesh.data x mesh.fsdp = {dict(mesh.shape)}); use a multiple of {shards}.")
+        section = getattr(cfg, kind)
+        problem = sharding.batch_split_problem(kind, section.batch_size, section.accum_steps, mesh)
+        if kind in kinds and problem:
+            raise ConfigError(problem)

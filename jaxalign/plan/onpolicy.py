@@ -76,15 +76,15 @@ def plan_onpolicy(cfg, mcfg, mesh, sl):
 
     from jaxalign.plan.phases import PhaseRow, compile_and_measure, compiled_bytes, model_step_flops, tree_bytes
     from jaxalign.plan.tpu import PlanError
-    from jaxalign.sharding import batch_shards
+    from jaxalign.sharding import batch_split_problem
     from jaxalign.train.optim import make_optimizer
     from jaxalign.train.state import TrainState, state_shardings
     from jaxalign.train.steps import make_train_step
 
     p = cfg.policy
-    if p.batch_size % p.accum_steps or (p.batch_size // p.accum_steps) % batch_shards(mesh):
-        raise PlanError(f"policy.batch_size={p.batch_size} / accum_steps={p.accum_steps} does not divide over the "
-                        f"mesh's {batch_shards(mesh)} batch shards.")
+    problem = batch_split_problem("policy", p.batch_size, p.accum_steps, mesh)
+    if problem:
+        raise PlanError(problem)
     step_cfg, params, frozen, batch, resident, detail = onpolicy_inputs(cfg, mcfg, mesh)
     optimizer, schedule = make_optimizer(p.optim(), 1000)
     abstract = jax.eval_shape(lambda q: TrainState(jnp.zeros((), jnp.int32), q, optimizer.init(q)), params)

@@ -237,13 +237,11 @@ def _optimizer(section, mu_dtype: str = ""):
 
 
 def _check_batch(name: str, section, mesh) -> None:
-    from jaxalign.sharding import batch_shards
+    from jaxalign.sharding import batch_split_problem
 
-    b, k, shards = section.batch_size, max(1, section.accum_steps), batch_shards(mesh)
-    if b % k or (b // k) % shards:
-        raise PlanError(f"{name}.batch_size={b} with {name}.accum_steps={k} gives micro-batches of {b / k:g} rows, "
-                        f"which must divide evenly over the mesh's {shards} batch shards (data x fsdp); choose "
-                        f"batch_size a multiple of accum_steps x {shards}.")
+    problem = batch_split_problem(name, section.batch_size, section.accum_steps, mesh)
+    if problem:
+        raise PlanError(problem)
 
 
 @dataclasses.dataclass(frozen=True)
