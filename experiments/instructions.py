@@ -14,7 +14,7 @@ Variants (all but ``start`` and ``sft`` start from the seed's SFT model and trai
 - ``start``: SmolLM2-135M-Instruct as given (greedy, so one run serves every seed);
 - ``sft``: LoRA SFT on 512 demonstrations (32 steps);
 - ``sft_more``: the SFT model trained ``COMPUTE_MATCHED_STEPS`` more SFT steps — as many optimizer steps as the two
-  IRL rounds' policy steps take at most (2 rounds x 2 epochs x 64 pairs / 16);
+  IRL rounds' policy steps take at most (2 rounds x 4 epochs x 64 pairs / 16);
 - ``irl_dil`` / ``irl_dpo``: two IRL rounds (RM on (demonstration, own near-greedy sample), policy step DIL-LSIF / DPO
   on best-of-4 max-min pairs scored by it);
 - ``oracle_dpo``: DPO on best-of-4 max-min pairs ranked by the gold program (no reward model) — whether the policy
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs"
 DATA = RUNS / "instructions_data"
 SHARED = Path(os.environ.get("JAXALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
-COMPUTE_MATCHED_STEPS = 16
+COMPUTE_MATCHED_STEPS = 32
 
 # each variant: (recipe, overrides); {sft} is the seed's SFT model folder
 VARIANTS: dict[str, tuple[str, list[str]]] = {
