@@ -19,20 +19,9 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot work; the message names it and the valid choices."""
 
 
-# a round's phases per method (run.phases overrides the order); dil / dpo / afd run one round
-DEFAULT_ROUND = {
-    "irl": "sample,reward,policy,eval",
-    "spin": "sample,policy,eval",
-    "dil": "policy,eval",
-    "dpo": "policy,eval",
-    "afd": "sample,reward,eval",
-    "sft": "",
-}
-METHODS = tuple(DEFAULT_ROUND)
-# policy.kind=online_dil samples inside its policy phase and trains no reward model
-ONLINE_ROUND = "policy,eval"
-POLICY_KINDS = ("pairs", "rloo", "grpo", "ppo", "online_dil")
-REWARD_KINDS = ("rloo", "grpo", "ppo")  # on-policy kinds scored by the round's reward model
+# the method -> phases table and the policy kinds are the run's rules (jaxalign.rules), re-exported for the schema
+from jaxalign.rules import (DEFAULT_ROUND, METHODS, ONLINE_ROUND, POLICY_KINDS, REWARD_KINDS, batch_split_problem,
+                            rollout_samples_per_prompt)
 ROUND_PHASES = ("sample", "reward", "policy", "eval")
 
 
@@ -109,8 +98,9 @@ def validate(cfg, where: str = "config") -> None:
         number(f"{section}.max_grad_norm", t.max_grad_norm, low=0.0)
         number(f"{section}.batch_size", t.batch_size, low=1)
         number(f"{section}.accum_steps", t.accum_steps, low=1)
-        if t.batch_size >= 1 and t.accum_steps >= 1:
-            need(t.batch_size % t.accum_steps == 0, f"{section}.batch_size", t.batch_size,
+        if t.batch_size >= 1 and t.accum_steps >= 1:  # the mesh's shards are checked when the run is prepared
+            need(batch_split_problem(section, t.batch_size, t.accum_steps, 1) is None, f"{section}.batch_size",
+                 t.batch_size,
                  f"must be a multiple of {section}.accum_steps={t.accum_steps} (batch_size is the whole batch of "
                  f"an optimizer step, split into accum_steps micro-batches)")
         number(f"{section}.epochs", t.epochs, low=1)
@@ -223,7 +213,7 @@ def _check_onpolicy(cfg, need) -> None:
     if p.kind == "online_dil":
         need(p.objective.startswith("dil_"), "policy.objective", p.objective,
              "policy.kind=online_dil trains DIL's density-ratio losses: choose a dil_* objective")
-    n = p.num_samples if p.kind in ("rloo", "grpo") else 1
+    n = rollout_samples_per_prompt(cfg)
     rollout = p.rollout_batch_size or p.batch_size
     need(rollout % p.batch_size == 0 and rollout % n == 0, "policy.rollout_batch_size", p.rollout_batch_size,
          f"a rollout batch of {rollout} sequences must be a multiple of policy.batch_size={p.batch_size} (the "

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxalign import rules
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -117,15 +119,9 @@ def batch_shards(mesh: Mesh | None, rules=RULES) -> int:
 
 
 def batch_split_problem(name: str, batch_size: int, accum_steps: int, mesh: Mesh | None) -> str | None:
-    """Why ``name``'s global batch cannot be split into ``accum_steps`` micro-batches that each divide over the mesh's
-    batch shards, or None when it can. The run and the planner both ask this one question."""
-    b, k, shards = batch_size, max(1, accum_steps), batch_shards(mesh)
-    if b % k == 0 and (b // k) % shards == 0:
-        return None
-    return (f"{name}.batch_size={b} with {name}.accum_steps={k} gives micro-batches of {b / k:g} rows, which must "
-            f"divide evenly over the mesh's {shards} batch shards (mesh.data x mesh.fsdp"
-            f"{' = ' + str(dict(mesh.shape)) if mesh is not None else ''}); choose batch_size a multiple of "
-            f"accum_steps x {shards}.")
+    """:func:`jaxalign.rules.batch_split_problem` on ``mesh``'s batch shards (the run and the planner ask this)."""
+    return rules.batch_split_problem(name, batch_size, accum_steps, batch_shards(mesh),
+                                     mesh.shape if mesh is not None else None)
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=RULES) -> dict[str, jax.Array]:

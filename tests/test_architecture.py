@@ -157,6 +157,38 @@ def engine_constructions() -> list[str]:
     return found
 
 
+RULES = "jaxalign.rules"  # the one light module that decides sample counts and batch splits
+
+
+def _mentions(node: ast.AST, attr: str) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr == attr for n in ast.walk(node))
+
+
+def rule_rederivations() -> list[str]:
+    """Places outside jaxalign.rules that decide a rule it owns: a conditional sample count (``x.num_samples if ...``)
+    or a batch-divisibility test (``batch_size % ...``)."""
+    found = []
+    for name, path in MODULES.items():
+        if name == RULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.IfExp) and _mentions(node.body, "num_samples")
+                    and isinstance(node.orelse, ast.Constant) and node.orelse.value == 1):  # "N if ... else 1"
+                found.append(f"{name}:{node.lineno} decides a sample count")
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod)
+                    and (_mentions(node.left, "batch_size") or
+                         (isinstance(node.left, ast.BinOp) and _mentions(node.left, "batch_size")))):
+                found.append(f"{name}:{node.lineno} decides a batch split")
+    return found
+
+
+def test_rules_are_decided_once_in_a_light_module():
+    assert rule_rederivations() == []
+    heavy = [target for target, _, _ in _imports(RULES) if target.split(".")[0] in ("jax", "transformers", "numpy",
+                                                                                     "jaxalign")]
+    assert heavy == []
+
+
 def test_no_module_imports_a_private_name():
     assert private_imports() == []
 
@@ -220,6 +252,25 @@ def test_check_catches_a_checkpointer_or_writer_built_outside_train(tmp_path, mo
     monkeypatch.setattr(sys.modules[__name__], "MODULES", {_module_name(p): p for p in sorted(pkg.rglob("*.py"))})
     assert engine_constructions() == ["jaxalign.pipeline.own_loop:4 constructs PhaseCheckpointer",
                                       "jaxalign.pipeline.own_loop:5 constructs MetricsWriter"]
+
+
+def test_check_catches_a_rule_decided_outside_rules(tmp_path, monkeypatch):
+    pkg = tmp_path / "jaxalign"
+    (pkg / "plan").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "plan" / "__init__.py").write_text("")
+    (pkg / "rules.py").write_text("def n(cfg):\n    return cfg.policy.num_samples if cfg.x else 1\n")
+    (pkg / "plan" / "sampling.py").write_text(
+        "def n(cfg):\n"
+        "    return cfg.policy.num_samples if cfg.policy.pairs == 'best_of_n' else 1\n"
+        "def ok(p, shards):\n"
+        "    return (p.batch_size // p.accum_steps) % shards == 0\n"
+        "def fine(cfg):\n"
+        "    return cfg.policy.num_samples\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", {_module_name(p): p for p in sorted(pkg.rglob("*.py"))})
+    assert rule_rederivations() == ["jaxalign.plan.sampling:2 decides a sample count",
+                                    "jaxalign.plan.sampling:4 decides a batch split"]
 
 
 @pytest.mark.parametrize("graph, expected", [

@@ -40,6 +40,7 @@ from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.sample import draw, prompts_of_round
 from jaxalign.pipeline.scoring import gold_scores, score_sequences
 from jaxalign.pipeline.training import lora_merged, lora_split
+from jaxalign.rules import rollout_samples_per_prompt
 from jaxalign.train.onpolicy_loop import Rollout, train_onpolicy
 from jaxalign.train.onpolicy_steps import OnPolicySettings, make_rollout_advantages, make_rollout_logps
 from jaxalign.train.steps import StepConfig, make_eval_rewards
@@ -55,16 +56,12 @@ def settings(ctx: RunContext) -> OnPolicySettings:
 def settings_of(cfg) -> OnPolicySettings:
     """The on-policy step's settings from the policy / sample sections (the planner compiles the same ones)."""
     p, s = cfg.policy, cfg.sample
-    return OnPolicySettings(kind=p.kind, num_samples=samples_per_prompt(cfg), temperature=s.temperature or 1.0,
+    return OnPolicySettings(kind=p.kind, num_samples=rollout_samples_per_prompt(cfg),
+                            temperature=s.temperature or 1.0,
                             clip=p.clip, clip_high=p.clip_high or None, kl_coef=p.kl_coef, vf_coef=p.vf_coef,
                             gamma=p.gamma, lam=p.lam, grpo_scale=p.grpo_scale, length_norm=p.length_norm,
                             whiten_advantages=p.whiten_advantages, max_new_tokens=s.max_new_tokens,
                             kl_bias_correction=p.kl_bias_correction)
-
-
-def samples_per_prompt(cfg) -> int:
-    """N: rloo / grpo compare each prompt's samples; ppo and online_dil draw one per prompt."""
-    return cfg.policy.num_samples if cfg.policy.kind in ("rloo", "grpo") else 1
 
 
 def make_scorer(ctx: RunContext, phase: Phase, rows: list[EncodedRecord], reward_fn: RewardFn | None):
@@ -129,7 +126,7 @@ class _Rollouts:
         self.ctx, self.rows, self.per, self.per_epoch, self.seed = ctx, rows, per, per_epoch, seed
         self.ref, self.frozen = ref, frozen
         p, s = ctx.cfg.policy, ctx.cfg.sample
-        self.n = samples_per_prompt(ctx.cfg)
+        self.n = rollout_samples_per_prompt(ctx.cfg)
         if p.kind != "online_dil":
             self.s = settings(ctx)
             self.logps = make_rollout_logps(ctx.model_cfg, ctx.mesh, self.s.temperature, ctx.lora)
@@ -187,7 +184,7 @@ class _Rollouts:
 def plan_rollouts(ctx: RunContext, num_rows: int) -> tuple[int, int, int]:
     """(prompts per rollout batch, rollout batches per epoch, rollout batches in the phase)."""
     p = ctx.cfg.policy
-    per = (p.rollout_batch_size or p.batch_size) // samples_per_prompt(ctx.cfg)
+    per = (p.rollout_batch_size or p.batch_size) // rollout_samples_per_prompt(ctx.cfg)
     per_epoch = num_rows // per
     if per_epoch < 1:
         raise ConfigError(f"policy: {num_rows} prompts do not fill one rollout batch of {per} prompts "
@@ -220,8 +217,8 @@ def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> 
     trained = train_onpolicy(cfg=ctx.model_cfg, params=params, rollout=rollouts, phase_dir=ctx.workdir.phase(phase),
                              mesh=ctx.mesh, step_cfg=step_config(ctx, base_is_reference=base_is_reference, seed=seed),
                              optim=p.optim(), settings=phase_settings, total_steps=total,
-                             rollout_size=per * samples_per_prompt(cfg), inner_epochs=p.inner_epochs, ref_params=ref,
-                             frozen=frozen, counters=ctx.counters, name=phase.name)
+                             rollout_size=per * rollout_samples_per_prompt(cfg), inner_epochs=p.inner_epochs,
+                             ref_params=ref, frozen=frozen, counters=ctx.counters, name=phase.name)
     if frozen is None:
         save_model(ctx, without_value_head(trained), phase)
     else:

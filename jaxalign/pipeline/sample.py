@@ -17,15 +17,8 @@ from jaxalign.data.rotation import rotating_window
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.modelio import load_policy
 from jaxalign.pipeline.phases import Phase
+from jaxalign.rules import candidates_per_prompt
 from jaxalign.sampling import GenerationResult, generate_from_params
-
-
-def candidates_per_prompt(cfg: Config) -> int:
-    """How many responses per prompt the sample phase draws as the policy step's candidates (the planner sizes the
-    sampler with the same number)."""
-    if cfg.policy.kind != "pairs" or cfg.run.method == "afd":  # on-policy kinds sample inside the policy phase
-        return 1
-    return cfg.policy.num_samples if cfg.policy.pairs in ("best_of_n", "ditto") else 1
 
 
 def draw(ctx: RunContext, params, prompts: Sequence[Sequence[int]], *, num_samples: int, temperature: float,

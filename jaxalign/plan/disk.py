@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxalign.models.lora import adapter_shapes
 from jaxalign.pipeline.phases import plan as phase_plan
-from jaxalign.pipeline.sample import candidates_per_prompt
+from jaxalign.rules import candidates_per_prompt
 
 JSON_BYTES_PER_TOKEN = 6  # up to 5 digits and ", " per token id
 MOMENTS = {"adamw": 2, "rmsprop": 1, "sgd": 0}

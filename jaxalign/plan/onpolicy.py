@@ -13,7 +13,7 @@ plans it like any pair objective.
 """
 from __future__ import annotations
 
-from jaxalign.config_checks import REWARD_KINDS  # the on-policy kinds this module plans
+from jaxalign.rules import REWARD_KINDS  # the on-policy kinds this module plans
 
 __all__ = ["REWARD_KINDS", "onpolicy_inputs", "plan_onpolicy"]
 

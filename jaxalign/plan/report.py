@@ -7,6 +7,7 @@ import re
 from jaxalign.plan.hours import forward_seconds
 from jaxalign.plan.phases import PhaseRow
 from jaxalign.plan.tpu import GiB, Slice
+from jaxalign.rules import batch_split_problem
 
 FIT_MARGIN = 0.9  # FITS below this fraction of the usable HBM, TIGHT up to 1.0
 OUTSIDE = ("train phases: nothing (the pipeline's train() donates the loaded params to the train state: "
@@ -60,7 +61,7 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
             shards = batch_shards(mesh)
             want = k * acts / max(room, acts / 64)
             options = [k2 for k2 in range(k + 1, section.batch_size + 1)
-                       if section.batch_size % k2 == 0 and (section.batch_size // k2) % shards == 0]
+                       if batch_split_problem("", section.batch_size, k2, shards) is None]
             pick = next((k2 for k2 in options if k2 >= want), options[-1] if options else None)
             if pick:
                 row.advice.append(f"activations take ~{_gib(acts)} GiB per chip at micro-batch "

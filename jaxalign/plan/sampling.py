@@ -27,7 +27,7 @@ def plan_sampler(cfg, mcfg, mesh, sl: Slice, *, phase: str) -> list[PhaseRow]:
 
     from jaxalign import sharding
     from jaxalign.flops import flops_per_token
-    from jaxalign.pipeline.sample import candidates_per_prompt
+    from jaxalign.rules import candidates_per_prompt
     from jaxalign.sampling.kernels import CACHE_AXES, CAST_ONCE, DecodeMode, decode, prefill, uses_shared_prefix
     from jaxalign.sampling.memory import sampling_bytes_per_device, shrunk_batch
     from jaxalign.sampling.sampler import bucket_length, stop_id_buffer

@@ -24,8 +24,9 @@ from jaxalign.losses import (gae, grpo_advantages, grpo_loss, kl_penalized_rewar
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.lora import LoraConfig, join_trainable
 from jaxalign.models.value import logits_and_values
+from jaxalign.rules import REWARD_KINDS
 
-ONPOLICY_KINDS = ("rloo", "grpo", "ppo")
+ONPOLICY_KINDS = REWARD_KINDS  # the kinds this module has a loss for (jaxalign.rules)
 
 
 @dataclasses.dataclass(frozen=True)
