@@ -130,3 +130,36 @@ def test_task_data_from_real_answers(shared_data, tmp_path):
     again = build([str(shared_data / "sft" / "llamafactory_alpaca_en_demo_messages.jsonl")],
                   [str(shared_data / "sft" / "alpaca_eval_zephyr-7b-beta_messages.jsonl")], tmp_path / "b", seed=0)
     assert again == counts and (tmp_path / "b" / "train.jsonl").read_text() == (tmp_path / "train.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_the_instructions_recipe_grades_through_the_cli(shared_data, tmp_path):
+    """configs/instructions_sft on a tiny model and the task built from real answers: the eval phase looks the
+    scorer up by data.gold_metric, keeps each answer's gold in eval.json and reports gold / gold_strict / gold_guard —
+    all recomputed here from the answers with the gold program called directly."""
+    import subprocess
+    import sys
+
+    import tiny_recipe
+
+    data = tmp_path / "data"
+    build([str(shared_data / "sft" / "llamafactory_alpaca_en_demo_messages.jsonl")],
+          [str(shared_data / "sft" / "alpaca_eval_zephyr-7b-beta_messages.jsonl")], data, seed=0)
+    model = tiny_recipe.make_tiny_llama(tmp_path / "model")
+    work = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(tiny_recipe.LAUNCHER), "--config", "instructions_sft", "--workdir", str(work),
+         f"model.path={model}", f"model.tokenizer={shared_data / tiny_recipe.TOKENIZER}",
+         f"data.train.source={data / 'train.jsonl'}", f"data.eval_prompts.source={data / 'eval.jsonl'}",
+         "data.train.limit=16", "sft.batch_size=8", "sft.max_steps=2", "eval.num_prompts=8",
+         "eval.max_new_tokens=12", "run.show_progress=false"],
+        cwd=tiny_recipe.REPO, env=tiny_recipe.subprocess_env(tmp_path / "jax_cache"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    metrics = json.loads((work / "phases" / "eval0" / "done.json").read_text())["metrics"]
+    ev = json.loads((work / "phases" / "eval0" / "eval.json").read_text())
+    graded = [grade(p, a) for p, a in zip(ev["prompts"], ev["answers"])]
+    assert len(graded) == len(ev["gold"]) == 8
+    assert ev["gold"] == [g["gold"] for g in graded]
+    for part, key in (("gold", "gold"), ("strict", "gold_strict"), ("guard", "gold_guard")):
+        assert metrics[key] == pytest.approx(np.mean([g[part] for g in graded]))
