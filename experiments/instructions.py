@@ -119,12 +119,18 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def evals(folder: Path) -> dict[str, dict]:
-    """``{stage: {gold: [...], metrics: {...}}}`` for each finished eval phase of a run (eval0, r1, r2, ...)."""
+    """``{stage: {gold, by_instruction, metrics}}`` for each finished eval phase of a run (eval0, r1, r2, ...)."""
+    from jaxalign.tasks.instructions import instruction_of
+
     out = {}
     for done in sorted((folder / "phases").glob("*eval*/done.json")):
         name = done.parent.name.replace("_eval", "")
         data = json.loads((done.parent / "eval.json").read_text())
-        out[name] = {"gold": data["gold"], "metrics": json.loads(done.read_text())["metrics"]}
+        by: dict[str, list[float]] = {}
+        for prompt, g in zip(data["prompts"], data["gold"]):
+            by.setdefault(instruction_of(prompt).name, []).append(g)
+        out[name] = {"gold": data["gold"], "metrics": json.loads(done.read_text())["metrics"],
+                     "by_instruction": {k: sum(v) / len(v) for k, v in sorted(by.items())}}
     return out
 
 
@@ -150,7 +156,8 @@ def report(seeds: list[int], out: Path) -> dict:
                 row = {"variant": v, "seed": seed, "stage": stage, "prompts": len(g), "gold": sum(g) / len(g),
                        "gold_lo": lo, "gold_hi": hi, "strict": m.get("gold_strict"), "guard": m.get("gold_guard"),
                        "answer_length": m.get("answer_length"),
-                       "rm_demo_vs_sample_accuracy": m.get("rm_demo_vs_sample_accuracy")}
+                       "rm_demo_vs_sample_accuracy": m.get("rm_demo_vs_sample_accuracy"),
+                       "by_instruction": e["by_instruction"]}
                 pol = phase_metrics(folder, "policy").get(stage, {})
                 for k in ("rm_gold_pair_accuracy", "rm_gold_pairs", "samples_gold", "chosen_gold", "rejected_gold",
                           "pairs", "steps"):
@@ -160,6 +167,8 @@ def report(seeds: list[int], out: Path) -> dict:
     result = {"seeds": seeds, "rows": rows, "compute_matched_steps": COMPUTE_MATCHED_STEPS}
     (out / "instructions.json").write_text(json.dumps(result, indent=1))
     print(table(rows))
+    print()
+    print(instruction_table(rows))
     plot(rows, out / "instructions.png")
     return result
 
@@ -179,6 +188,15 @@ def table(rows: list[dict]) -> str:
             f"{fmt(r['rm_demo_vs_sample_accuracy'])} | {fmt(r['rm_gold_pair_accuracy'])} "
             f"({fmt(r['rm_gold_pairs'], '.0f')}) | {fmt(r['samples_gold'])} / {fmt(r['chosen_gold'])} / "
             f"{fmt(r['rejected_gold'])} |")
+    return "\n".join(lines)
+
+
+def instruction_table(rows: list[dict]) -> str:
+    names = sorted({k for r in rows for k in r["by_instruction"]})
+    lines = ["| variant | seed | stage | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['stage']} | "
+                     + " | ".join(fmt(r["by_instruction"].get(n), ".2f") for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -202,7 +220,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("round (sft_more: its one stage)")
     ax.set_ylabel("gold (instruction followed and an answer)")
     ax.set_xticks([1, 2])
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
