@@ -111,7 +111,8 @@ def test_bad_input_missing_model(launcher, capsys, tmp_path, tiny):
 
 
 def test_bad_input_missing_data_or_split(launcher, capsys, tmp_path, tiny):
-    ov = _overrides("ultrachat_dil", tiny)
+    # one micro-batch of 8 pairs: the 8 CPU devices here split it (the tiny recipe's 2 x 4 would be refused first)
+    ov = _overrides("ultrachat_dil", tiny) + ["policy.accum_steps=1"]
     err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["data.train.split=train_prefs"])
     assert "The split 'train_prefs' does not exist" in err and "['train']" in err
     err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + [f"data.train.source={tmp_path}/x.jsonl"])
