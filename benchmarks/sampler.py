@@ -7,7 +7,7 @@ batch-1 decode speed as a fraction of the HBM-bandwidth roofline.
     python benchmarks/sampler.py --real             # SmolLM2-135M-Instruct, real weights and OASST chat prompts
     python benchmarks/sampler.py --shared-prefix    # SmolLM2: 256-token prompts x 8 samples, shared vs repeated cache
 
-``--real`` (tests/real_model.py builds the model folder): chat prompts of OASST (../shared/data) rendered with the
+``--real`` (tests/real_model.py builds the model folder): chat prompts of OASST (the test data folder, `$JAXALIGN_SHARED_DATA`) rendered with the
 model's ChatML template, batch 1 / 8 / 32 greedy and at temperature 1 (no top-k / top-p on either side); then prompts
 cut to their last 256 tokens with N=8 samples each at temperature 1 (transformers: ``num_return_sequences=8``). Each
 case times jaxalign and transformers in turn (best of ``--reps`` rounds after a warm-up).

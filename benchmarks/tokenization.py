@@ -8,7 +8,7 @@
 shadow the standard library's ``tokenize`` module that ``inspect`` imports.)
 
 Each row of the table is one call of ``jaxalign.data.cache.encode_records_cached`` with the zephyr-mistral-7b
-tokenizer (``../shared/data/tokenizers``) and the zephyr SFT recipe's lengths (max_length 2048, prompt 1024), SFT
+tokenizer (the test data folder's ``tokenizers/``) and the zephyr SFT recipe's lengths (max_length 2048, prompt 1024), SFT
 task. "cold" tokenises and writes a fresh cache folder; "cached" reads the folder the 1-worker run wrote. Reading and
 normalising the file is not timed. rows/s = records / wall seconds; the data and the timings go to a temp dir.
 """

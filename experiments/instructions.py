@@ -25,7 +25,7 @@ Variants (all but ``start`` and ``sft`` start from the seed's SFT model and trai
 
 The data are built first (``jaxalign.tasks.instruction_data``) from real answers: Alpaca-GPT4 (LLaMA-Factory's demo
 slice) and HH-RLHF helpful for training, AlpacaEval (zephyr-7b-beta's answers as demonstrations) held out. The folder
-with those files is ``$JAXALIGN_SHARED_DATA`` (default ``../shared/data`` beside the repository); the model is the
+with those files is ``$JAXALIGN_SHARED_DATA`` (default: ``shared/data`` in the checkout's parent folder); the model is the
 offline SmolLM2 folder ``tests/real_model.py`` builds.
 """
 from __future__ import annotations

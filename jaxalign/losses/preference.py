@@ -74,7 +74,7 @@ def simpo_loss(policy_chosen, policy_rejected, *, beta=2.0, gamma=0.5):
     """SimPO (Meng et al. 2024), reference-free: ``-logsig(beta (mlp_w - mlp_l) - gamma)``.
 
     Inputs are MEAN (length-normalised) policy log-probs. ``gamma`` is the target reward margin itself, as in
-    METHODS.md, the SimPO paper and TRL's CPOTrainer (``loss_type="simpo"``, ``simpo_gamma``). The SimPO authors'
+    the SimPO paper (arXiv 2405.14734) and TRL's CPOTrainer (``loss_type="simpo"``, ``simpo_gamma``). The SimPO authors'
     SimPOTrainer takes ``gamma_beta_ratio`` instead and computes ``-logsig(beta (d - gamma_beta_ratio))``: pass
     ``gamma = beta * gamma_beta_ratio`` to reproduce one of their recipes. Metrics follow TRL: rewards = beta * mean
     log-prob.

@@ -11,7 +11,7 @@ For each rollout batch (``policy.rollout_batch_size`` sequences: P prompts x N s
    the advantages (:mod:`jaxalign.train.onpolicy_steps`); then ``policy.inner_epochs`` passes of mini-batches of
    ``policy.batch_size`` sequences through the jitted step;
 3. online_dil: (demonstration, fresh sample) pairs through the pair step with the DIL objective — DIL's future work
-   (seeds/001): no reward model, the policy samples itself, so the round is ``policy,eval``.
+   (the future work named in the DIL paper): no reward model, the policy samples itself, so the round is ``policy,eval``.
 
 One logged step (TRL's ``objective/*``, ``policy/*``, ``val/*``) is one rollout batch. This module prepares the
 phase (weights, reference, reward, the rollouts); :func:`jaxalign.train.onpolicy_loop.train_onpolicy` runs it, and so
