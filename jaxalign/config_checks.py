@@ -12,6 +12,9 @@ from jaxalign.data.formats import FORMATS
 from jaxalign.losses import OBJECTIVES, PAIR_RULES
 from jaxalign.metrics import TrackerError, check_trackers
 from jaxalign.models.lora import TARGETS as LORA_TARGETS
+# the method -> phases table and the policy kinds are the run's rules, re-exported here for the schema
+from jaxalign.rules import (DEFAULT_ROUND, METHODS, ONLINE_ROUND, POLICY_KINDS, REWARD_KINDS,  # noqa: F401
+                            batch_split_problem, rollout_samples_per_prompt)
 from jaxalign.tasks import SCORERS
 
 
@@ -19,9 +22,6 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot work; the message names it and the valid choices."""
 
 
-# the method -> phases table and the policy kinds are the run's rules (jaxalign.rules), re-exported for the schema
-from jaxalign.rules import (DEFAULT_ROUND, METHODS, ONLINE_ROUND, POLICY_KINDS, REWARD_KINDS, batch_split_problem,
-                            rollout_samples_per_prompt)
 ROUND_PHASES = ("sample", "reward", "policy", "eval")
 
 
