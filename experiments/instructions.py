@@ -31,18 +31,14 @@ offline SmolLM2 folder ``tests/real_model.py`` builds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "runs"
+from real_runs import ROOT, RUNS, SHARED, run_cli, smollm2, wilson
+
 DATA = RUNS / "instructions_data"
-SHARED = Path(os.environ.get("JAXALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 COMPUTE_MATCHED_STEPS = 32
 
 # each variant: (recipe, overrides); {sft} is the seed's SFT model folder
@@ -62,13 +58,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def smollm2() -> Path:
-    spec = importlib.util.spec_from_file_location("real_model", ROOT / "tests" / "real_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.smollm2_folder()
-
-
 def workdir(variant: str, seed: int) -> Path:
     return RUNS / ("instructions_start" if variant == "start" else f"instructions_{variant}_s{seed}")
 
@@ -83,7 +72,8 @@ def build_data() -> None:
                     "--out", str(DATA)], cwd=ROOT, check=True)
 
 
-def command(variant: str, seed: int, model: Path) -> list[str]:
+def row_overrides(variant: str, seed: int, model: Path) -> tuple[str, list[str]]:
+    """(recipe, overrides) of one row."""
     recipe, overrides = VARIANTS[variant]
     sft = workdir("sft", seed) / "phases" / "sft" / "model"
     args = [o.format(sft=sft) for o in overrides]
@@ -91,8 +81,7 @@ def command(variant: str, seed: int, model: Path) -> list[str]:
         args = [f"model.path={sft}"] + [a for a in args if not a.startswith("model.path=")]
     else:
         args = [f"model.path={model}"] + args
-    return [sys.executable, "launch/tpu_run.py", "--config", recipe, "--workdir", str(workdir(variant, seed)),
-            f"run.name={workdir(variant, seed).name}", f"run.seed={seed}", *args]
+    return recipe, [f"run.name={workdir(variant, seed).name}", f"run.seed={seed}", *args]
 
 
 def run(variants: list[str], seeds: list[int]) -> None:
@@ -102,21 +91,11 @@ def run(variants: list[str], seeds: list[int]) -> None:
         for v in variants:
             if v == "start" and seed != seeds[0]:
                 continue
-            cmd = command(v, seed, model)
-            print("$", " ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True)
+            recipe, args = row_overrides(v, seed, model)
+            run_cli(recipe, workdir(v, seed), args)
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
 
 def evals(folder: Path) -> dict[str, dict]:
     """``{stage: {gold, by_instruction, metrics}}`` for each finished eval phase of a run (eval0, r1, r2, ...)."""

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jaxalign.config_checks import DEFAULT_ROUND, ONLINE_ROUND, ConfigError, validate
+from jaxalign.config_checks import DEFAULT_ROUND, ONE_ROUND_METHODS, ONLINE_ROUND, ConfigError, validate
 from jaxalign.config_lora import Lora
 # CONFIG_DIR and resolve_config_path stay importable from here (cli, plan, tests)
 from jaxalign.config_paths import CONFIG_DIR, parse_override, read_recipe, resolve_config_path  # noqa: F401
@@ -32,7 +32,7 @@ from jaxalign.trl_recipes.recipe import map_recipe
 @dataclasses.dataclass
 class Run:
     name: str = "run"
-    method: str = "irl"  # sft | irl | dil | dpo | spin | afd
+    method: str = "irl"  # sft | irl | dil | dpo | reward | spin | afd
     rounds: int = 2  # IRL / SPIN rounds
     seed: int = 0
     workdir: str = ""  # default runs/<name>
@@ -50,7 +50,7 @@ class Run:
         return [p.strip() for p in text.split(",") if p.strip()]
 
     def num_rounds(self) -> int:
-        return 1 if self.method in ("dil", "dpo", "afd") else self.rounds
+        return 1 if self.method in ONE_ROUND_METHODS else self.rounds
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ from jaxalign.losses import OBJECTIVES, PAIR_RULES
 from jaxalign.metrics import TrackerError, check_trackers
 from jaxalign.models.lora import TARGETS as LORA_TARGETS
 # the method -> phases table and the policy kinds are the run's rules, re-exported here for the schema
-from jaxalign.rules import (DEFAULT_ROUND, METHODS, ONLINE_ROUND, POLICY_KINDS, REWARD_KINDS,  # noqa: F401
-                            batch_split_problem, rollout_samples_per_prompt)
+from jaxalign.rules import (DEFAULT_ROUND, GIVEN_PAIRS_METHODS, METHODS, ONE_ROUND_METHODS,  # noqa: F401
+                            ONLINE_ROUND, POLICY_KINDS, REWARD_KINDS, batch_split_problem, rollout_samples_per_prompt)
 from jaxalign.tasks import SCORERS
 
 
@@ -245,6 +245,12 @@ def _check_round(cfg, problems: list[str]) -> None:
         return None
 
     # method / pairs mismatches first: their message names the fix better than the phase-order checks below
+    if method == "reward":
+        if "reward" not in order or {"sample", "policy"} & set(order):
+            return fail(f"run.phases={text}: run.method=reward trains a reward model on data.train's preference "
+                        f"pairs, so its round is 'reward' (optionally followed by 'eval'), with no sample or policy "
+                        f"phase (use run.method=irl for a reward model on sampled pairs)")
+        return None
     if method in ("dil", "dpo") and pairs != "dataset":
         return fail(f"run.method={method} trains on given preference pairs: set policy.pairs=dataset (or use "
                     f"run.method=irl / spin for sampled pairs)")

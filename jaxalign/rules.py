@@ -8,16 +8,20 @@ functions, so ``--plan`` plans exactly what the run does. Imports nothing heavy 
 """
 from __future__ import annotations
 
-# a round's phases per method (run.phases overrides the order); dil / dpo / afd run one round
+# a round's phases per method (run.phases overrides the order)
 DEFAULT_ROUND = {
     "irl": "sample,reward,policy,eval",
     "spin": "sample,policy,eval",
     "dil": "policy,eval",
     "dpo": "policy,eval",
+    "reward": "reward",  # a Bradley-Terry reward model on given pairs (TRL's RewardTrainer); its held-out curves
     "afd": "sample,reward,eval",
     "sft": "",
 }
 METHODS = tuple(DEFAULT_ROUND)
+# methods that train on data.train's given preference pairs (the others sample their pairs or train on demonstrations)
+GIVEN_PAIRS_METHODS = ("dil", "dpo", "reward")
+ONE_ROUND_METHODS = ("dil", "dpo", "reward", "afd")  # the others repeat their round run.rounds times
 # policy.kind=online_dil samples inside its policy phase and trains no reward model
 ONLINE_ROUND = "policy,eval"
 POLICY_KINDS = ("pairs", "rloo", "grpo", "ppo", "online_dil")

@@ -207,19 +207,11 @@ def plain_autograd_grad_norm(model: Path, tokenized) -> float:
 @pytest.mark.parametrize("center", [0.0, 0.01], ids=["plain", "centered"])
 def test_bradley_terry_reward_follows_trl_reward_trainer(setup, tmp_path, center):
     """Bradley-Terry reward training from one sequence-classification checkpoint (its score head included), with
-    and without TRL's ``center_rewards_coefficient``; jaxalign's side is its reward step through ``train``."""
+    and without TRL's ``center_rewards_coefficient``; jaxalign's side is the CLI's ``run.method=reward`` (the given
+    preference pairs, as ``RewardTrainer``) with the checkpoint as ``model.reward_path``."""
     from datasets import Dataset
     from transformers import AutoTokenizer, LlamaForSequenceClassification
     from trl import RewardConfig, RewardTrainer
-
-    from jaxalign import sharding
-    from jaxalign.data.formats import normalize_row
-    from jaxalign.data.tokenize import ChatEncoder, pair_examples
-    from jaxalign.models.config import load_config
-    from jaxalign.models.reward import read_reward_params
-    from jaxalign.train.optim import OptimConfig
-    from jaxalign.train.run import PhaseSettings, train
-    from jaxalign.train.steps import StepConfig
 
     causal, pairs = setup
     rm = tmp_path / "rm"
@@ -231,19 +223,14 @@ def test_bradley_terry_reward_follows_trl_reward_trainer(setup, tmp_path, center
     args = trl_args(RewardConfig, tmp_path / "trl", max_length=512, center_rewards_coefficient=center or None)
     theirs = trl_steps(RewardTrainer(model=str(rm), args=args, processing_class=tok,
                                      train_dataset=Dataset.from_list(rows)))
-
-    encoder = ChatEncoder(tok, max_length=512, completion_end="template")
-    examples = pair_examples([normalize_row(r, i, "preference") for i, r in enumerate(rows)], encoder)
-    cfg = load_config(rm, dtype="float32", param_dtype="float32")
-    mesh = sharding.make_mesh(1, -1, 1)
-    train(cfg=cfg, params=read_reward_params(rm, cfg, mesh=mesh), examples=examples, phase_dir=tmp_path / "ours",
-          mesh=mesh, step_cfg=StepConfig("reward", center_coef=center),
-          optim=OptimConfig(learning_rate=LR, schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
-                            max_grad_norm=1.0),
-          settings=PhaseSettings(global_batch_size=8, num_epochs=STEPS, show_progress=False, save_every=1000),
-          pad_id=encoder.pad_id, buckets=(512,))
-    ours = [json.loads(line) for line in (tmp_path / "ours" / "tb" / "metrics.jsonl").read_text().splitlines()]
-    ours = [r for r in ours if r.get("split") == "train"]
+    ours = jaxalign_cli(tmp_path / "jaxalign", [
+        "--config", "ultrachat_dpo", "run.method=reward", "run.phases=reward", f"model.path={causal}",
+        f"model.reward_path={rm}", "model.dtype=float32", "model.remat=none", f"data.train.source={pairs}",
+        "data.train.split=train", "data.eval_prompts.source=", "data.completion_end=template", "data.max_length=512",
+        "data.max_prompt_length=256", "eval.num_prompts=1", "eval.max_new_tokens=4", "run.show_progress=false",
+        "reward.batch_size=8", "reward.accum_steps=1",
+        f"reward.epochs={STEPS}", "reward.schedule=constant", "reward.warmup_ratio=0", f"reward.learning_rate={LR}",
+        "reward.weight_decay=0", "reward.max_grad_norm=1.0", f"reward.center_coef={center}"], "r1_reward")
     compare(f"RewardTrainer center_rewards_coefficient={center}", theirs, ours,
             {"loss": "loss", "grad_norm": "grad_norm", "accuracy": "rewards/accuracies",
              "margin": "rewards/margins"})

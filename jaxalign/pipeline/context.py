@@ -30,6 +30,7 @@ from jaxalign.tasks.demo import build_demo_assets
 from jaxalign.pipeline.hosts import barrier, process_zero_first
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.workdir import WorkDir
+from jaxalign.rules import GIVEN_PAIRS_METHODS
 from jaxalign.storage import cache_root, is_remote
 
 
@@ -125,7 +126,7 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     eval_records = (eval_all if cfg.data.eval_prompts.source else train_records)[: cfg.eval.num_prompts]
     eval_prefs = _read(cfg.data.eval_prefs, "data.eval_prefs", reports) if cfg.data.eval_prefs.source else []
     report = DataReport(name="data.train (tokenised)")
-    task = "pairs" if cfg.run.method in ("dil", "dpo") else "sft"
+    task = "pairs" if cfg.run.method in GIVEN_PAIRS_METHODS else "sft"
     train = encode_records_cached(train_records, encoder, task, report, cache_dir=_cache_dir(cfg, workdir),
                                   num_proc=cfg.data.num_proc)
     reports.append(report)

@@ -1,6 +1,6 @@
 """The (chosen, rejected) pairs the reward and policy phases train on, built from the sample phase's responses.
 
-- reward (IRL): the demonstration is chosen, the policy's own sample rejected (all rounds' pairs with
+- reward (``run.method=reward``): data.train's given preference pairs; reward (IRL): the demonstration is chosen, the policy's own sample rejected (all rounds' pairs with
   ``reward.accumulate_pairs``); reward (AfD Init-SFT): the SFT model's sample positive, the initial model's
   negative;
 - policy, ``policy.pairs``: ``dataset`` — the given preference pairs; ``demo_vs_sample`` — SPIN's demonstration vs own
@@ -40,6 +40,8 @@ def encode_response(ctx: RunContext, enc: EncodedRecord, tokens) -> EncodedSeque
 
 
 def reward_pairs(ctx: RunContext, round_: int) -> list[dict]:
+    if ctx.cfg.run.method == "reward":  # the given preference pairs, as TRL's RewardTrainer
+        return [pair_example(e) for e in ctx.train if e.rejected is not None]
     by_row = {e.row_id: e for e in ctx.train}
     rounds = range(1, round_ + 1) if ctx.cfg.reward.accumulate_pairs else [round_]
     pairs = []
