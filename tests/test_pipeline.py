@@ -212,6 +212,9 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(name, tiny, jax_cache, tmp_path)
             assert info["metrics"]["steps"] == 2 and info["metrics"]["loss"] == info["metrics"]["loss"]
     rounds = max(p.round for p in phases)
     last_policy = work / "phases" / f"r{rounds}_policy" / "model"
+    # the run's last lines say where the aligned model and the report are
+    assert f"[jaxalign] final model (r{rounds}/policy): {last_policy}" in out, out[-1500:]
+    assert f"[jaxalign] report: {work / 'report.md'}" in out
     from jaxalign.models import from_pretrained
 
     import numpy as np

@@ -157,6 +157,22 @@ def summary(ctx: RunContext) -> str:
     return "\n".join(lines)
 
 
+def outputs(ctx: RunContext) -> str:
+    """The run's last lines: where the last trained model (and its PEFT adapter), the report and the curves are."""
+    root = ctx.workdir.root
+    lines = []
+    trained = [p for p in ctx.phases if p.kind in ("sft", "reward", "policy") and ctx.workdir.done(p)]
+    if trained:
+        folder = ctx.workdir.phase(trained[-1])
+        head = "AutoModelForSequenceClassification" if trained[-1].kind == "reward" else "AutoModelForCausalLM"
+        lines.append(f"[jaxalign] final model ({trained[-1].name}): {folder / 'model'}  "
+                     f"(transformers: {head}.from_pretrained(that folder))")
+        if (folder / "adapter").exists():
+            lines.append(f"[jaxalign] its LoRA adapter for PEFT: {folder / 'adapter'}")
+    lines.append(f"[jaxalign] report: {root / 'report.md'}; curves: tensorboard --logdir {root / 'phases'}")
+    return "\n".join(lines)
+
+
 def write_report(ctx: RunContext) -> epath.Path:
     table = round_table(ctx)
     plots = _plots(ctx, table)

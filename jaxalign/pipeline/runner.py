@@ -62,6 +62,7 @@ class Pipeline:
         if jax.process_index() == 0:  # also when every phase was skipped: the report follows the installed code
             report.write_report(ctx)
         print(report.summary(ctx))
+        print(report.outputs(ctx), flush=True)
         return report.round_table(ctx)
 
     def _redo_changed(self, ctx: RunContext) -> None:
