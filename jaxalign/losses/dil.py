@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxalign.losses.numerics import as_float32
 from jaxalign.losses.preference import preference_metrics
@@ -23,13 +24,14 @@ DIL_VARIANTS = ("lsif", "ukl", "bce", "lsif_ref_free")
 EXP_CAP = 50.0
 
 
-def capped_exp(x):
+def capped_exp(x: jax.Array | float) -> jax.Array:
     """exp(x) for x <= EXP_CAP, continued linearly (same value and slope at the cap) above it."""
     safe = jnp.exp(jnp.minimum(x, EXP_CAP))
     return jnp.where(x <= EXP_CAP, safe, safe * (1.0 + (x - EXP_CAP)))
 
 
-def dil_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, variant="lsif", beta=1.0):
+def dil_loss(policy_chosen: ArrayLike, policy_rejected: ArrayLike, ref_chosen: ArrayLike, ref_rejected: ArrayLike, *,
+             variant: str = "lsif", beta: float | jax.Array = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DIL density-ratio losses on ``u_w = pc - rc``, ``u_l = pr - rr`` (batch mean):
 
     - ``lsif``: ``-exp(beta u_w) + 0.5 exp(2 beta u_l)`` (least-squares importance fitting; the authors' recipe).

@@ -12,13 +12,15 @@ conditional KLs). ``entropy`` is ``-sum log q`` of the sampled tokens: an unbias
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxalign.losses.dil import capped_exp
 from jaxalign.losses.numerics import as_float32
 
 
-def token_kl(policy_token_logps, ref_token_logps):
+def token_kl(policy_token_logps: ArrayLike, ref_token_logps: ArrayLike) -> dict[str, jax.Array]:
     """Per-token ``{"k1", "k2", "k3", "entropy"}``, each shaped like the inputs (float32), unmasked.
 
     For the on-policy losses, which need the estimators per token (GRPO's k3 penalty, PPO's per-token k1 reward).
@@ -35,7 +37,7 @@ def token_kl(policy_token_logps, ref_token_logps):
     }
 
 
-def sequence_kl(policy_token_logps, ref_token_logps, mask):
+def sequence_kl(policy_token_logps: ArrayLike, ref_token_logps: ArrayLike, mask: ArrayLike) -> dict[str, jax.Array]:
     """Per-sequence ``{"k1", "k2", "k3", "entropy"}``, each [B], from [B, T] sampled-token log-probs.
 
     ``policy_token_logps`` must be the log-probs of the distribution that produced the tokens (the sampler's, at its

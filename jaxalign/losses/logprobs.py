@@ -17,13 +17,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 # About 2**24 float32 elements (64 MiB) per CPU tile: few loop trips, and the two tiles XLA keeps alive are noise next
 # to the logits themselves.
 _TILE_ELEMENTS = 1 << 24
 
 
-def _logprob_rows(x, targets, with_top1):
+def _logprob_rows(x: jax.Array, targets: jax.Array, with_top1: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     x = x.astype(jnp.float32)
     vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     # where, not x * one_hot: a vocabulary masked with -inf would give 0 * -inf = nan.
@@ -34,7 +35,7 @@ def _logprob_rows(x, targets, with_top1):
     return target_logit - lse, lse, top1
 
 
-def _tiled_rows(rows, targets, with_top1):
+def _tiled_rows(rows: jax.Array, targets: jax.Array, with_top1: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[N, V] logits, [N] targets -> [N] log-probs, logsumexp, top-1, a tile of rows at a time."""
     n, v = rows.shape
     tile = max(1, min(n, _TILE_ELEMENTS // max(v, 1)))
@@ -42,10 +43,12 @@ def _tiled_rows(rows, targets, with_top1):
         return _logprob_rows(rows, targets, with_top1)
     num_tiles = -(-n // tile)
 
-    def body(i, carry):
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         # The barrier ties the logits to the loop counter; without it XLA (CPU) hoists the bf16->f32 upcast of the
         # whole tensor out of the loop, which is exactly the [B, T, V] float32 copy this loop exists to avoid.
-        full, _ = jax.lax.optimization_barrier((rows, i))
+        # jax 0.10's lax.optimization_barrier has no annotations at all (jax's types are inline), so every call to it
+        # is an untyped call under disallow_untyped_calls
+        full, _ = jax.lax.optimization_barrier((rows, i))  # type: ignore[no-untyped-call]
         # dynamic_slice clamps the last tile's start to n - tile, so a ragged end recomputes a few rows instead of
         # padding (which would copy the logits).
         start = i * tile
@@ -56,10 +59,12 @@ def _tiled_rows(rows, targets, with_top1):
         return tuple(jax.lax.dynamic_update_slice_in_dim(c, s, start, 0) for c, s in zip(carry, stats))
 
     zeros = jnp.zeros((n,), jnp.float32)
-    return jax.lax.fori_loop(0, num_tiles, body, (zeros, zeros, zeros))
+    # fori_loop's init_val / result are unannotated in jax (Any): the carry keeps init's structure, three [N] arrays
+    out: tuple[jax.Array, jax.Array, jax.Array] = jax.lax.fori_loop(0, num_tiles, body, (zeros, zeros, zeros))
+    return out
 
 
-def _forward(logits, targets, with_top1):
+def _forward(logits: jax.Array, targets: jax.Array, with_top1: bool) -> tuple[jax.Array, ...]:
     v = logits.shape[-1]
     rows, flat_targets = logits.reshape(-1, v), targets.reshape(-1).astype(jnp.int32)
     # XLA:CPU materialises the float32 upcast (and keeps it through a loop) unless tiled; XLA:GPU/TPU fuse the upcast
@@ -73,18 +78,20 @@ def _forward(logits, targets, with_top1):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _core(logits, targets, with_top1):
+def _core(logits: jax.Array, targets: jax.Array, with_top1: bool) -> tuple[jax.Array, jax.Array]:
     logps, _, top1 = _forward(logits, targets, with_top1)
     return logps, top1
 
 
-def _core_fwd(logits, targets, with_top1):
+def _core_fwd(logits: jax.Array, targets: jax.Array,
+              with_top1: bool) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
     logps, lse, top1 = _forward(logits, targets, with_top1)
     # Residuals: the caller's logits (alive anyway) and a [B, T] lse; nothing of size V is added.
     return (logps, top1), (logits, targets, lse)
 
 
-def _core_bwd(with_top1, res, cotangents):
+def _core_bwd(with_top1: bool, res: tuple[jax.Array, jax.Array, jax.Array],
+              cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
     logits, targets, lse = res
     g = cotangents[0]  # top-1 is piecewise constant: no gradient
     x = logits.astype(jnp.float32)
@@ -97,7 +104,7 @@ def _core_bwd(with_top1, res, cotangents):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def token_logprobs(logits, targets):
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """``log_softmax(logits)[..., targets]`` in float32, shape ``targets.shape`` ([B, T]).
 
     ``logits[:, t]`` scores ``targets[:, t]``: the caller shifts (targets = input_ids[:, 1:] against logits[:, :-1]).
@@ -111,19 +118,19 @@ def token_logprobs(logits, targets):
     return _core(logits, targets, False)[0]
 
 
-def token_logprobs_and_top1(logits, targets):
+def token_logprobs_and_top1(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(token_logprobs(logits, targets), top1)`` from one pass over the logits; ``top1`` is 1.0 where the target
     holds the largest logit (ties count as hits) and 0.0 elsewhere, for SFT's token accuracy."""
     _check_shapes(logits, targets)
     return _core(logits, targets, True)
 
 
-def _check_shapes(logits, targets):
+def _check_shapes(logits: jax.Array, targets: jax.Array) -> None:
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must agree on all but the last axis")
 
 
-def sequence_logprobs(token_logps, mask, reduce: str = "sum"):
+def sequence_logprobs(token_logps: ArrayLike, mask: ArrayLike, reduce: str = "sum") -> jax.Array:
     """Reduce per-token log-probs [B, T] to per-sequence [B] over the positions where ``mask`` is non-zero.
 
     ``reduce="sum"``: DPO paper, TRL DPOTrainer, SPIN, the IRL reward code. ``reduce="mean"``: divided by the number of

@@ -12,31 +12,32 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxalign.losses.kl import sequence_kl, token_kl
 
 LENGTH_NORMS = ("sequence", "token", "constant")
 
 
-def _f32(*xs):
+def _f32(*xs: ArrayLike) -> tuple[jax.Array, ...]:
     return tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
 
 
-def _mask(mask):
+def _mask(mask: ArrayLike) -> jax.Array:
     return jnp.asarray(mask).astype(jnp.float32)
 
 
-def _on_mask(m, *xs):
+def _on_mask(m: jax.Array, *xs: ArrayLike) -> tuple[jax.Array, ...]:
     """float32 inputs with 0 off the mask: junk there (-inf padding log-probs) would otherwise turn the zero
     cotangent of a ``where`` into nan through exp / square."""
     return tuple(jnp.where(m != 0, x, 0.0) for x in _f32(*xs))
 
 
-def _masked_sum(x, m, axis=None):
+def _masked_sum(x: jax.Array, m: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
     return jnp.sum(jnp.where(m != 0, x * m, 0.0), axis=axis)
 
 
-def masked_mean(x, mask, axis=None):
+def masked_mean(x: ArrayLike, mask: ArrayLike, axis: int | tuple[int, ...] | None = None) -> jax.Array:
     """``sum(m x) / sum(m)`` over ``axis`` (all tokens of the batch by default: TRL's ``masked_mean``); 0 where the
     mask is empty instead of nan."""
     m = _mask(mask)
@@ -44,7 +45,8 @@ def masked_mean(x, mask, axis=None):
     return _masked_sum(jnp.asarray(x).astype(jnp.float32), m, axis) / jnp.where(count != 0, count, 1.0)
 
 
-def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
+def masked_whiten(x: ArrayLike, mask: ArrayLike, *, shift_mean: bool = True,
+                  eps: float | jax.Array = 1e-8) -> jax.Array:
     """``(x - mean) / sqrt(var + eps)`` with the masked mean and the Bessel-corrected masked variance over every mask
     token of the batch (TRL ``masked_whiten``, which PPOTrainer applies to the GAE advantages); ``shift_mean=False``
     adds the mean back. Masked positions come back 0."""
@@ -60,7 +62,7 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
 # ---- advantages -------------------------------------------------------------------------------------------------
 
 
-def _group_offsets(rewards):
+def _group_offsets(rewards: ArrayLike) -> jax.Array:
     """Rewards minus each group's first reward: the advantages are shift-invariant, and a group that ties becomes
     exact zeros, whose advantages are then exactly 0 (float32 ``sum(r) / N`` of N equal rewards is not always equal
     to them, and GRPO's division by ``std + eps`` would blow the rounding up to ~1e-3)."""
@@ -68,7 +70,7 @@ def _group_offsets(rewards):
     return r - r[..., :1]
 
 
-def rloo_advantages(rewards):
+def rloo_advantages(rewards: ArrayLike) -> jax.Array:
     """REINFORCE leave-one-out: ``A_i = r_i - mean_{j != i} r_j`` over each prompt's N samples, ``rewards [P, N]``.
 
     Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback";
@@ -83,7 +85,8 @@ def rloo_advantages(rewards):
     return r - baseline
 
 
-def grpo_advantages(rewards, *, scale=True, eps=1e-4, ddof=0):
+def grpo_advantages(rewards: ArrayLike, *, scale: bool = True, eps: float | jax.Array = 1e-4,
+                    ddof: int = 0) -> jax.Array:
     """Group-relative advantages over each prompt's N samples, ``rewards [P, N]``:
     ``(r - mean) / (std + eps)``, or Dr. GRPO's ``r - mean`` with ``scale=False``.
 
@@ -100,7 +103,8 @@ def grpo_advantages(rewards, *, scale=True, eps=1e-4, ddof=0):
     return centred / (std + eps)
 
 
-def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+def gae(rewards: ArrayLike, values: ArrayLike, mask: ArrayLike, *, gamma: float | jax.Array = 1.0,
+        lam: float | jax.Array = 0.95) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation over ``[B, T]`` per-token rewards and values -> ``(advantages, returns)``.
 
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``, ``returns = A + V`` (Schulman et
@@ -114,7 +118,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
     delta = r + gamma * next_v - v
 
-    def step(carry, d):
+    def step(carry: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
         carry = d + gamma * lam * carry
         return carry, carry
 
@@ -126,7 +130,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
 # ---- KL-shaped rewards (rollout side) ---------------------------------------------------------------------------
 
 
-def _rollout_metrics(scores, kl, entropy, non_score, total):
+def _rollout_metrics(scores: jax.Array, kl: jax.Array, entropy: jax.Array, non_score: jax.Array,
+                     total: jax.Array) -> dict[str, jax.Array]:
     return jax.lax.stop_gradient({
         "objective/kl": jnp.mean(kl),
         "objective/entropy": jnp.mean(entropy),
@@ -136,7 +141,8 @@ def _rollout_metrics(scores, kl, entropy, non_score, total):
     })
 
 
-def kl_penalized_rewards(scores, policy_token_logps, ref_token_logps, mask, *, kl_coef):
+def kl_penalized_rewards(scores: ArrayLike, policy_token_logps: ArrayLike, ref_token_logps: ArrayLike,
+                         mask: ArrayLike, *, kl_coef: float | jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-sequence ``score - kl_coef * sum_t k1_t`` with ``k1 = log pi - log pi_ref`` over the response tokens
     -> ``(rewards [B], metrics)``: the KL folded into the reward, as TRL ``RLOOTrainer`` does before `rloo_advantages`.
 
@@ -151,7 +157,8 @@ def kl_penalized_rewards(scores, policy_token_logps, ref_token_logps, mask, *, k
     return total, _rollout_metrics(s, est["k1"], est["entropy"], non_score, total)
 
 
-def ppo_token_rewards(scores, policy_token_logps, ref_token_logps, mask, *, kl_coef):
+def ppo_token_rewards(scores: ArrayLike, policy_token_logps: ArrayLike, ref_token_logps: ArrayLike,
+                      mask: ArrayLike, *, kl_coef: float | jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token PPO rewards ``[B, T]``: ``-kl_coef * k1_t`` on every response token, plus the sequence ``score`` on
     the row's last response token; 0 off the mask -> ``(rewards, metrics)`` (metrics as `kl_penalized_rewards`).
 
@@ -177,13 +184,16 @@ def ppo_token_rewards(scores, policy_token_logps, ref_token_logps, mask, *, kl_c
 # ---- losses -----------------------------------------------------------------------------------------------------
 
 
-def _token_advantages(m, advantages):
+def _token_advantages(m: jax.Array, advantages: ArrayLike) -> jax.Array:
     (a,) = _f32(advantages)
     a = a[:, None] if a.ndim == m.ndim - 1 else a
     return jax.lax.stop_gradient(jnp.where(m != 0, a, 0.0))
 
 
-def _clipped_surrogate(m, logp, old_logp, advantages, clip, clip_high):
+def _clipped_surrogate(
+    m: jax.Array, logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike, clip: float | jax.Array,
+    clip_high: float | jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per-token ``max(-A r, -A clip(r, 1 - clip, 1 + clip_high))`` and the pieces the metrics need."""
     lp, old = _on_mask(m, logp, old_logp)
     old = jax.lax.stop_gradient(old)
@@ -195,7 +205,8 @@ def _clipped_surrogate(m, logp, old_logp, advantages, clip, clip_high):
     return jnp.maximum(unclipped, clipped), (clipped > unclipped).astype(jnp.float32), ratio, log_ratio, old
 
 
-def _policy_metrics(m, clipfrac, ratio, log_ratio, old):
+def _policy_metrics(m: jax.Array, clipfrac: jax.Array, ratio: jax.Array, log_ratio: jax.Array,
+                    old: jax.Array) -> dict[str, jax.Array]:
     return jax.lax.stop_gradient({
         "policy/clipfrac": masked_mean(clipfrac, m),
         "policy/approxkl": 0.5 * masked_mean(log_ratio**2, m),
@@ -204,7 +215,9 @@ def _policy_metrics(m, clipfrac, ratio, log_ratio, old):
     })
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip=0.2, clip_high=None):
+def ppo_policy_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
+                    clip: float | jax.Array = 0.2,
+                    clip_high: float | jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped surrogate, token level: ``masked_mean(max(-A r, -A clip(r, 1 - clip, 1 + clip)))`` with
     ``r = exp(logp - old_logp)`` over every mask token of the batch -> ``(loss, metrics)``.
 
@@ -222,7 +235,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip=0.2, clip_high=Non
     return loss, {"loss/policy": jax.lax.stop_gradient(loss), **_policy_metrics(m, *pieces)}
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2):
+def ppo_value_loss(values: ArrayLike, old_values: ArrayLike, returns: ArrayLike, mask: ArrayLike, *,
+                   clip: float | jax.Array = 0.2) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped value loss: ``0.5 masked_mean(max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2))``
     -> ``(loss, metrics)``.
 
@@ -244,8 +258,11 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2):
     })
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip=0.2, clip_high=None, kl_coef=0.04,
-              length_norm="sequence", max_len=None, kl_bias_correction=False):
+def grpo_loss(logp: ArrayLike, old_logp: ArrayLike, ref_logp: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
+              clip: float | jax.Array = 0.2, clip_high: float | jax.Array | None = None,
+              kl_coef: float | jax.Array = 0.04,
+              length_norm: str = "sequence", max_len: int | None = None,
+              kl_bias_correction: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO's token loss ``l_t = max(-A r_t, -A clip(r_t, 1 - clip, 1 + clip)) + kl_coef * k3_t`` with
     ``k3 = pi_ref/pi - 1 - log(pi_ref/pi)`` (the KL as a loss term, not in the reward), reduced by ``length_norm``:
 
@@ -283,7 +300,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip=0.2, clip_high
     return loss, {**metrics, **_policy_metrics(m, *pieces)}
 
 
-def rloo_loss(seq_logp, advantages):
+def rloo_loss(seq_logp: ArrayLike, advantages: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
     """REINFORCE with held-constant advantages: ``-mean(A * log pi(y|x))`` over ``[B]`` sequence log-probs.
 
     Williams 1992; with `rloo_advantages` it is RLOO as written in Ahmadian et al. 2024 (eq. for the leave-one-out

@@ -5,11 +5,14 @@ rejected_idx [P])``, indices into the N axis. Pure jnp: jit / vmap safe.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
-def max_min(rewards, key=None):
+def max_min(rewards: ArrayLike, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Best vs worst sample by reward: the "Max-Min" strategy of the IRL paper's online DPO (N=32), after
     RLHFlow/Online-RLHF. ``key`` is unused. When all N rewards tie, chosen == rejected (index 0): a zero-margin pair
     that gives no DPO gradient; filter with ``rewards[chosen] > rewards[rejected]`` if it matters.
@@ -19,7 +22,7 @@ def max_min(rewards, key=None):
     return jnp.argmax(rewards, axis=-1), jnp.argmin(rewards, axis=-1)
 
 
-def max_random(rewards, key):
+def max_random(rewards: ArrayLike, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Best sample vs one drawn uniformly from the other N-1 (needs N >= 2)."""
     rewards = jnp.asarray(rewards)
     n = rewards.shape[-1]
@@ -31,4 +34,7 @@ def max_random(rewards, key):
     return chosen, draw + (draw >= chosen)
 
 
-PAIR_RULES = {"max_min": max_min, "max_random": max_random}
+# every rule is called as rule(rewards [P, N], key) -> (chosen_idx [P], rejected_idx [P])
+PAIR_RULES: dict[str, Callable[[ArrayLike, jax.Array], tuple[jax.Array, jax.Array]]] = {
+    "max_min": max_min, "max_random": max_random,
+}

@@ -10,13 +10,15 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxalign.losses.numerics import as_float32
 
 DPO_VARIANTS = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
+def preference_metrics(chosen_rewards: jax.Array, rejected_rewards: jax.Array, policy_chosen: ArrayLike,
+                       policy_rejected: ArrayLike) -> dict[str, jax.Array]:
     """TRL DPOTrainer's metric names. Accuracy is strict (ties count as wrong), as ``chosen > rejected`` in TRL."""
     chosen_rewards, rejected_rewards = jax.lax.stop_gradient((chosen_rewards, rejected_rewards))
     return {
@@ -29,14 +31,15 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_r
     }
 
 
-def _check_range(name, value, lo, hi, hi_open=False):
+def _check_range(name: str, value: float | jax.Array, lo: float, hi: float, hi_open: bool = False) -> None:
     # Only concrete Python numbers are checked: a traced hyper-parameter (swept under vmap) passes through.
     if isinstance(value, numbers.Real) and not (lo <= value and (value < hi if hi_open else value <= hi)):
         raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.1, variant="sigmoid",
-             label_smoothing=0.0):
+def dpo_loss(policy_chosen: ArrayLike, policy_rejected: ArrayLike, ref_chosen: ArrayLike, ref_rejected: ArrayLike, *,
+             beta: float | jax.Array = 0.1, variant: str = "sigmoid",
+             label_smoothing: float | jax.Array = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DPO and its TRL variants on the log-ratio margin ``d = (pc - rc) - (pr - rr)``.
 
     - ``sigmoid``: ``-(1-eps) logsig(beta d) - eps logsig(-beta d)``; eps = 0 is DPO (Rafailov et al. 2023, eq. 7),
@@ -70,7 +73,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0
     return jnp.mean(losses), preference_metrics(beta * u_w, beta * u_l, pc, pr)
 
 
-def simpo_loss(policy_chosen, policy_rejected, *, beta=2.0, gamma=0.5):
+def simpo_loss(policy_chosen: ArrayLike, policy_rejected: ArrayLike, *, beta: float | jax.Array = 2.0,
+               gamma: float | jax.Array = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SimPO (Meng et al. 2024), reference-free: ``-logsig(beta (mlp_w - mlp_l) - gamma)``.
 
     Inputs are MEAN (length-normalised) policy log-probs. ``gamma`` is the target reward margin itself, as in

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import jax
+from jax.typing import ArrayLike
 
 from jaxalign.losses.dil import dil_loss
 from jaxalign.losses.preference import dpo_loss, simpo_loss
@@ -22,32 +25,36 @@ from jaxalign.losses.preference import dpo_loss, simpo_loss
 @dataclasses.dataclass(frozen=True)
 class Objective:
     name: str
-    fn: Callable[..., Any]
-    defaults: dict = dataclasses.field(hash=False)  # kept out of the hash so an Objective can be a jit static arg
+    fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # fn(pc, pr, rc, rr, **defaults) -> (loss, metrics)
+    # hyper-parameters fn takes as keywords; kept out of the hash so an Objective can be a jit static arg
+    defaults: dict[str, Any] = dataclasses.field(hash=False)
     reduce: str  # "sum" | "mean": how the sequence log-probs fed to fn are reduced over tokens
     uses_reference: bool
     description: str
 
 
-def _dpo(variant):
-    def fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **hparams):
+def _dpo(variant: str) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    def fn(policy_chosen: ArrayLike, policy_rejected: ArrayLike, ref_chosen: ArrayLike, ref_rejected: ArrayLike,
+           **hparams: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, variant=variant, **hparams)
 
     return fn
 
 
-def _dil(variant):
-    def fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **hparams):
+def _dil(variant: str) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    def fn(policy_chosen: ArrayLike, policy_rejected: ArrayLike, ref_chosen: ArrayLike, ref_rejected: ArrayLike,
+           **hparams: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         return dil_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, variant=variant, **hparams)
 
     return fn
 
 
-def _simpo(policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, **hparams):
+def _simpo(policy_chosen: ArrayLike, policy_rejected: ArrayLike, ref_chosen: ArrayLike | None = None,
+           ref_rejected: ArrayLike | None = None, **hparams: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     return simpo_loss(policy_chosen, policy_rejected, **hparams)
 
 
-def _entries():
+def _entries() -> Iterator[Objective]:
     # Reductions follow the reference code: TRL DPOTrainer sums (sigmoid, hinge, robust) but averages for IPO; SimPO
     # and the DIL authors average (their trainer averages for every loss, DPO included: use dpo with reduce="mean").
     yield Objective("dpo", _dpo("sigmoid"), {"beta": 0.1, "label_smoothing": 0.0}, "sum", True,
@@ -75,7 +82,8 @@ def _entries():
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in _entries()}
 
 
-def get_objective(name: str, **overrides):
+def get_objective(name: str,
+                  **overrides: Any) -> tuple[Callable[..., tuple[jax.Array, dict[str, jax.Array]]], Objective]:
     """Resolve ``name`` to ``(bound_fn, objective)``.
 
     ``bound_fn(pc, pr, rc, rr)`` has the objective's defaults merged with ``overrides`` bound in; the returned

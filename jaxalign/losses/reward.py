@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxalign.losses.numerics import as_float32
 
 
-def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=0.0, center_coef=0.0):
+def bradley_terry_loss(chosen_rewards: ArrayLike, rejected_rewards: ArrayLike, *, margin: ArrayLike = 0.0,
+                       center_coef: float | jax.Array = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``L = -mean logsig(r_w - r_l - margin) + center_coef * mean((r_w + r_l)^2)``.
 
     Bradley-Terry reward modelling as in InstructGPT / TRL ``RewardTrainer`` (``margin`` per pair or scalar, as
@@ -26,7 +28,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=0.0, center_c
     }
 
 
-def afd_discriminator_loss(positive_logits, negative_logits):
+def afd_discriminator_loss(positive_logits: ArrayLike,
+                           negative_logits: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
     """AfD's discriminator (Alignment from Demonstrations, Sun & van der Schaar 2024): demonstrations are
     positives, policy samples negatives, ``D = sigmoid(logit)``, maximise ``E_demo log D + E_pi log(1 - D)``:
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxalign.losses.logprobs import token_logprobs_and_top1
 
 
-def sft_loss(logits, targets, mask):
+def sft_loss(logits: jax.Array, targets: jax.Array, mask: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Token-mean negative log-likelihood over the masked tokens of the whole batch:
 
     ``L = -sum_{b,t} m_bt log pi(y_bt | x, y_<t) / sum_{b,t} m_bt``
