@@ -9,8 +9,12 @@
 - The loss options a user tunes (``policy.label_smoothing``, ``policy.simpo_gamma``, ``policy.clip_high``,
   ``policy.kl_bias_correction``) reach the objective / the on-policy step.
 - TRL 1.16's defaults in jaxalign/trl_recipes/names.py against the installed TRL.
-- End to end (slow): the zephyr-7b-beta DPO recipe on a tiny random-init Llama and local preference slices, through
-  the launcher in a subprocess, with the hub model and dataset replaced by overrides.
+- TRL's reward-modelling LoRA example (RewardTrainer -> run.method=reward): the file is one ``trl reward --config``
+  reads, it maps to the same settings TRL parses from it, and what the reward trainer does that jaxalign cannot
+  (a frozen score head under PEFT, per-row margins) is refused.
+- End to end (slow): the zephyr-7b-beta DPO recipe and TRL's reward LoRA example on a tiny random-init Llama and
+  local preference slices, through the launcher in a subprocess, with the hub model and dataset replaced by
+  overrides.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ SMOLLM3_APO = HANDBOOK / "smollm3" / "dpo" / "apo.yaml"
 ZEPHYR_ORPO = HANDBOOK / "zephyr-141b-A35b" / "orpo" / "config_full.yaml"
 TRL_EXAMPLE = RECIPES / "trl" / "examples" / "cli_configs" / "example_config.yaml"
 OPENR1_GRPO = RECIPES / "open-r1" / "recipes" / "Qwen2.5-1.5B-Instruct" / "grpo" / "config_demo.yaml"
+TRL_REWARD_LORA = RECIPES / "trl" / "examples" / "scripts" / "reward_modeling_lora.yaml"
 
 
 def _load(path, overrides=(), trainer=""):
@@ -66,7 +71,7 @@ def _row(table: str, key: str) -> str:
 
 def test_every_stored_recipe_names_its_source():
     files = sorted(RECIPES.rglob("*.yaml"))
-    assert len(files) == 9
+    assert len(files) == 10
     for f in files:
         head = f.read_text().splitlines()[0]
         assert head.startswith("# Source: github.com/huggingface/") and "commit" in head, f
@@ -133,7 +138,11 @@ def test_zephyr_qlora_maps_lora_and_refuses_4bit():
     assert "(2) " not in message
     cfg, table = _load(ZEPHYR_QLORA, ["load_in_4bit=false"])
     lo = cfg.model.lora
-    assert (lo.rank, lo.alpha, lo.dropout, lo.targets) == (128, 128.0, 0.05, ["q", "k", "v", "o", "gate", "up", "down"])
+    # lora_dropout 0.05 in the file, but DPOConfig's disable_dropout (default true in TRL 1.16) zeroes it once PEFT
+    # has wrapped the model, so TRL trains without it
+    assert (lo.rank, lo.alpha, lo.dropout, lo.targets) == (128, 128.0, 0.0, ["q", "k", "v", "o", "gate", "up", "down"])
+    assert "disable_dropout" in _row(table, "model.lora.dropout")
+    assert _load(ZEPHYR_QLORA, ["load_in_4bit=false", "disable_dropout=false"])[0].model.lora.dropout == 0.05
     assert (cfg.policy.batch_size, cfg.policy.accum_steps, cfg.policy.learning_rate) == (16, 4, 5e-6)
     # the older dataset_mixer + dataset_splits: the train split trains, the test split is held out
     assert (cfg.data.train.split, cfg.data.eval_prefs.split) == ("train_prefs", "test_prefs")
@@ -284,13 +293,140 @@ def test_clip_high_changes_the_grpo_loss_as_trl_epsilon_high():
     assert float(sym) == pytest.approx(-(1.2 + 1.1) / 2) and float(high) == pytest.approx(-(1.28 + 1.1) / 2)
 
 
+# ---- TRL's reward-modelling LoRA example: RewardTrainer -> run.method=reward -----------------------------------------
+
+def _reward_variant(tmp_path, drop=(), **changes) -> Path:
+    """The reward example with keys dropped or changed, written where its path names no trainer."""
+    keys = {k: v for k, v in yaml.safe_load(TRL_REWARD_LORA.read_text()).items() if k not in drop}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**keys, **changes}))
+    return path
+
+
+def test_trl_reward_lora_example_maps_to_a_reward_run():
+    """The Bradley-Terry reward model of TRL's LoRA example: lr 1e-4, 8 pairs per step, one epoch, PEFT r=32 / alpha
+    16 on q_proj / v_proj with the score head trained (SEQ_CLS), held-out pairs of the test split every 50 steps."""
+    cfg, table = _load(TRL_REWARD_LORA)
+    r = cfg.reward
+    assert (cfg.run.method, cfg.run.round_phases(cfg.policy.kind), cfg.sft.enabled) == ("reward", ["reward"], False)
+    assert (r.learning_rate, r.batch_size, r.accum_steps, r.epochs, r.max_steps) == (1e-4, 8, 1, 1, 0)
+    # what the file leaves out takes RewardConfig's defaults: linear, no warmup, no centring, save_steps 500
+    assert (r.schedule, r.warmup_ratio, r.center_coef, r.margin, r.save_every, r.optimizer) == (
+        "linear", 0.0, 0.0, 0.0, 500, "adamw")
+    lo = cfg.model.lora
+    # LoRA dropout: TRL's disable_dropout (default true) zeroes PEFT's lora_dropout after wrapping the model
+    assert (lo.rank, lo.alpha, lo.dropout, lo.targets) == (32, 16.0, 0.0, ["q", "v"])
+    assert (cfg.model.path, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat) == (
+        "Qwen/Qwen2-0.5B-Instruct", "bfloat16", "float32", "full")
+    assert (cfg.data.train.source, cfg.data.train.split, cfg.data.train.format) == (
+        "trl-lib/ultrafeedback_binarized", "train", "auto")
+    assert (cfg.data.eval_prefs.source, cfg.data.eval_prefs.split) == ("trl-lib/ultrafeedback_binarized", "test")
+    assert cfg.data.eval_prompts.source == ""  # TRL's reward trainer generates nothing
+    assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.completion_end) == (2048, 2047, "template")
+    assert (cfg.eval.eval_steps, cfg.run.logging_steps, cfg.run.seed, cfg.run.name) == (
+        50, 10, 42, "Qwen2-0.5B-Reward-LoRA")
+    assert table.startswith("# TRL names -> jaxalign (REWARD trainer)")
+    assert "0.0001" in _row(table, "reward.learning_rate") and "default" not in _row(table, "reward.learning_rate")
+    assert "default" in _row(table, "reward.schedule") and "zeroes LoRA's dropout" in _row(table, "model.lora.dropout")
+    lines = table.splitlines()
+    assert "differs: TRL's reward trainer drops a pair" in "\n".join(lines)
+    assert any(line.startswith("margin (column)") and "n/a:" in line and "reward.margin" in line for line in lines)
+    assert any(line.startswith("lora_task_type") and "n/a: as jaxalign does" in line for line in lines)
+
+
+def test_the_reward_example_is_a_file_trl_reward_reads_and_maps_to_what_it_parses():
+    """``trl reward --config`` (TRL 1.16's parser, unknown keys fatal) reads the stored file; jaxalign's settings are
+    the ones TRL parses from it."""
+    pytest.importorskip("trl")
+    from trl.scripts.reward import make_parser
+
+    script, args, model, _ = make_parser().parse_args_and_config(
+        ["--config", str(TRL_REWARD_LORA), "--use_cpu", "true"], fail_with_unknown_args=True)  # no GPU here
+    cfg, _ = _load(TRL_REWARD_LORA)
+    assert (cfg.model.path, cfg.data.train.source) == (model.model_name_or_path, script.dataset_name)
+    assert (cfg.data.train.split, cfg.data.eval_prefs.split) == (script.dataset_train_split, script.dataset_test_split)
+    assert (cfg.reward.learning_rate, cfg.reward.batch_size, cfg.reward.epochs) == (
+        args.learning_rate, args.per_device_train_batch_size, args.num_train_epochs)
+    assert (cfg.data.max_length, cfg.eval.eval_steps, cfg.reward.center_coef) == (
+        args.max_length, args.eval_steps, args.center_rewards_coefficient or 0.0)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, model.use_peft, model.lora_task_type) == (
+        model.lora_r, model.lora_alpha, True, "SEQ_CLS")
+    assert args.disable_dropout and cfg.model.lora.dropout == 0.0
+
+
+def test_reward_recipes_are_told_by_their_keys(tmp_path):
+    anonymous = _reward_variant(tmp_path)  # recipe.yaml: lora_task_type SEQ_CLS says a reward model
+    assert _load(anonymous)[0].run.method == "reward"
+    cfg, table = _load(_reward_variant(tmp_path, center_rewards_coefficient=0.01))
+    assert (cfg.run.method, cfg.reward.center_coef) == ("reward", 0.01)
+    assert "0.01" in _row(table, "reward.center_coef")
+    bare = _reward_variant(tmp_path, drop=("lora_task_type",))
+    assert "cannot tell which TRL trainer" in _refused(bare) and "reward" in _refused(bare)
+    assert _load(bare, trainer="reward")[0].run.method == "reward"
+    assert _load(bare, ["run.method=reward"])[0].run.method == "reward"
+    # TRL names on a jaxalign recipe that runs run.method=reward
+    cfg = config_lib.load("hh_helpful_prefs", ["run.method=reward", "center_rewards_coefficient=0.01"])
+    assert (cfg.reward.center_coef, cfg.policy.learning_rate) == (0.01, 1e-4)
+    assert config_lib.load(str(TRL_REWARD_LORA), ["center_rewards_coefficient=null"]).reward.center_coef == 0.0
+
+
+def test_reward_recipe_settings_that_differ_from_other_trainers(tmp_path):
+    # loss_type / beta / max_prompt_length are not RewardConfig's: the reward trainer never reads them (they
+    # are DPO's, so the trainer is named)
+    cfg, table = _load(TRL_REWARD_LORA, ["beta=0.5", "loss_type=ipo", "max_prompt_length=64"], trainer="reward")
+    assert (cfg.policy.beta, cfg.data.max_prompt_length) == (-1.0, 2047)
+    for key in ("beta", "loss_type", "max_prompt_length"):
+        assert any(line.startswith(key) and "n/a: not a setting of TRL's REWARD trainer" in line
+                   for line in table.splitlines()), key
+    # disable_dropout: false keeps PEFT's lora_dropout (0.05 by default)
+    assert _load(TRL_REWARD_LORA, ["disable_dropout=false"])[0].model.lora.dropout == 0.05
+    assert _load(TRL_REWARD_LORA, ["disable_dropout=false", "lora_dropout=0.1"])[0].model.lora.dropout == 0.1
+    # full fine-tuning: the backbone and the head
+    assert _load(TRL_REWARD_LORA, ["use_peft=false"])[0].model.lora.rank == 0
+    # the head named in modules_to_save trains under CAUSAL_LM as under SEQ_CLS
+    cfg, table = _load(_reward_variant(tmp_path, drop=("lora_task_type",), lora_modules_to_save=["score"]),
+                       trainer="reward")
+    assert cfg.model.lora.rank == 32 and "differs" not in next(
+        line for line in table.splitlines() if line.startswith("lora_modules_to_save"))
+    # lora_task_type left out: TRL's CAUSAL_LM freezes the head; shown, not fatal (as assistant_only_loss for SFT)
+    _, table = _load(_reward_variant(tmp_path, drop=("lora_task_type",)), trainer="reward")
+    assert "differs: TRL's default CAUSAL_LM leaves the score head frozen" in table
+    _, table = _load(TRL_REWARD_LORA, ["lora_task_type=null"])  # cleared on the command line: the same
+    assert "differs: TRL's default CAUSAL_LM leaves the score head frozen" in table
+
+
+def test_reward_recipe_refusals_name_each_key(tmp_path):
+    message = _refused(TRL_REWARD_LORA, ["lora_task_type=CAUSAL_LM", "pad_token=<pad>"])
+    assert "(1) lora_task_type=CAUSAL_LM: with this task type PEFT leaves the reward model's score head " \
+        "frozen" in message
+    assert "(2) pad_token=<pad>: deprecated in TRL 1.1" in message and "or set model.tokenizer" in message
+    assert "(3) " not in message
+    # modules_to_save beyond the head: the head trains (so CAUSAL_LM is fine), lm_head is not jaxalign's to train
+    message = _refused(TRL_REWARD_LORA, ["lora_task_type=CAUSAL_LM", "lora_modules_to_save=[score,lm_head]"])
+    assert message.count("(1) ") == 1 and "(2) " not in message
+    assert "(1) lora_modules_to_save=[\"score\", \"lm_head\"]: jaxalign's LoRA trains adapters only" in message
+    # per-row margins: a mixture whose columns name TRL's margin column
+    mixture = _reward_variant(tmp_path, drop=("dataset_name",), datasets=[
+        {"path": "my/prefs", "split": "train", "columns": ["chosen", "rejected", "margin"]}])
+    message = _refused(mixture)
+    assert "margin (column)=[\"chosen\", \"rejected\", \"margin\"]: TRL's reward trainer subtracts each row's " \
+        "margin column" in message and "or set reward.margin" in message
+    cfg = config_lib.load(str(mixture), ["reward.margin=0.5"])  # one constant margin instead: lifted
+    assert (cfg.reward.margin, cfg.data.train.source, cfg.data.train.split) == (0.5, "my/prefs", "train")
+    plain = _reward_variant(tmp_path, drop=("dataset_name",), datasets=[
+        {"path": "my/prefs", "split": "train", "columns": ["chosen", "rejected"]}])
+    assert config_lib.load(str(plain)).data.train.source == "my/prefs"
+
+
 # ---- TRL's defaults as written in jaxalign/trl_recipes/names.py ------------------------------------------------------------
 
 def test_trl_defaults_match_the_installed_trl():
     trl = pytest.importorskip("trl")
+    from jaxalign.trl_recipes import names
     from jaxalign.trl_recipes.names import TRL_DEFAULTS
 
-    classes = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}
+    classes = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig,
+               "reward": trl.RewardConfig}
     ours_only = {"warmup_ratio", "bf16"}  # transformers 5 folds warmup_ratio into warmup_steps; bf16 None -> True
     for trainer, cls in classes.items():
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -303,6 +439,14 @@ def test_trl_defaults_match_the_installed_trl():
                 theirs = next(f for f in dataclasses.fields(cls) if f.name == key).default_factory()[0]
             assert theirs == value, (trainer, key, theirs, value)
     assert {f.name: f.default for f in dataclasses.fields(trl.SFTConfig)}["warmup_steps"] == 0  # no warmup
+    reward = {f.name: f.default for f in dataclasses.fields(trl.RewardConfig)}
+    # left out of TRL_DEFAULTS["reward"] because jaxalign's own defaults are TRL's: no centring term, AdamW, clipping
+    # at 1, no weight decay; disable_dropout (true) is what zeroes model.lora.dropout in a reward recipe
+    assert (reward["center_rewards_coefficient"], reward["weight_decay"], reward["max_grad_norm"]) == (None, 0.0, 1.0)
+    ours = config_lib.Config().reward
+    assert (ours.center_coef, ours.margin, ours.weight_decay, ours.max_grad_norm, ours.optimizer) == (
+        0.0, 0.0, 0.0, 1.0, "adamw")
+    assert reward["disable_dropout"] is True and reward["optim"] in names.ADAMW
 
 
 # ---- bad input through the launcher: exit 2, one paragraph, nothing compiled ----------------------------------------
@@ -316,6 +460,21 @@ def test_launcher_refuses_with_exit_2_and_prints_the_table_first(capsys, tmp_pat
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("jaxalign: error: ") and "loss_type=apo_zero" in lines[0]
     assert out.startswith("# TRL names -> jaxalign (DPO trainer)") and "# resolved config" not in out
+
+
+def test_launcher_refuses_a_reward_recipe_key_with_exit_2(capsys, tmp_path):
+    """A reward recipe that keeps TRL's default CAUSAL_LM task type while naming it: the frozen score head PEFT would
+    leave is not jaxalign's reward LoRA, so the launcher stops (exit 2) with the reason, the table printed first."""
+    from jaxalign import cli
+
+    rc = cli.main(["--config", str(TRL_REWARD_LORA), "--workdir", str(tmp_path / "w"), "lora_task_type=CAUSAL_LM"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and not (tmp_path / "w").exists()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("jaxalign: error: ")
+    assert "(1) lora_task_type=CAUSAL_LM: with this task type PEFT leaves the reward model's score head frozen" in \
+        lines[0] and "(2) " not in lines[0]
+    assert out.startswith("# TRL names -> jaxalign (REWARD trainer)") and "# resolved config" not in out
 
 
 # ---- end to end: the zephyr DPO recipe on a tiny model ---------------------------------------------------------------
@@ -352,3 +511,47 @@ def test_zephyr_dpo_recipe_runs_end_to_end_on_a_tiny_model(shared_data, tmp_path
     assert (written["policy"]["batch_size"], written["policy"]["accum_steps"], written["model"]["remat"]) == (
         8, 2, "full")
     assert (written["data"]["train"]["split"], written["data"]["eval_prefs"]["split"]) == ("train", "test")
+
+
+# ---- end to end: TRL's reward LoRA example on a tiny model -----------------------------------------------------------
+
+@pytest.mark.slow
+def test_trl_reward_lora_example_runs_end_to_end_on_a_tiny_model(shared_data, tmp_path):
+    """run.method=reward from the recipe as written: the reward phase trains the LoRA adapters and the score head on
+    the train split's pairs and logs held-out metrics on the test split's pairs every eval_steps=1 steps."""
+    slices = tiny_recipe.write_slices(shared_data, tmp_path / "slices")
+    data = tmp_path / "prefs"  # a folder read as a dataset with a train and a test split, as the hub one
+    data.mkdir()
+    shutil.copy(slices["prefs_train"], data / "train.jsonl")
+    shutil.copy(slices["prefs_test"], data / "test.jsonl")
+    model = tiny_recipe.make_tiny_llama(tmp_path / "model")
+    work = tmp_path / "run"
+    overrides = [f"model_name_or_path={model}", f"model.tokenizer={shared_data / tiny_recipe.TOKENIZER}",
+                 f"dataset_name={data}", "max_length=128", "per_device_train_batch_size=4", "max_steps=2",
+                 "eval_steps=1", "data.train.limit=32", "eval.num_prompts=8", "eval.max_new_tokens=8",
+                 "run.show_progress=false"]
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(TRL_REWARD_LORA), "--workdir", str(work),
+                           *overrides], cwd=REPO, env=tiny_recipe.subprocess_env(tmp_path / "jax_cache"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:]
+    assert out.index("# TRL names -> jaxalign (REWARD trainer)") < out.index("# resolved config")
+    assert "global = 4 per device x 1 processes x 1 accumulation" in out
+    assert "replaced by" not in out and "refused" not in out
+    done = {p.parent.name: json.loads(p.read_text()) for p in (work / "phases").glob("*/done.json")}
+    assert set(done) == {"eval0", "r1_reward"}, sorted(done)
+    metrics = done["r1_reward"]["metrics"]
+    assert metrics["steps"] == 2 and metrics["loss"] == metrics["loss"]
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):  # the test split's pairs
+        assert key in metrics and metrics[key] == metrics[key], key
+    logged = [json.loads(line) for line in (work / "phases" / "r1_reward" / "tb" / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert len([r for r in logged if r.get("split") == "eval"]) >= 2  # every step (eval_steps=1) and at the end
+    written = yaml.safe_load((work / "run.yaml").read_text())
+    assert (written["run"]["method"], written["reward"]["learning_rate"], written["reward"]["batch_size"]) == (
+        "reward", 1e-4, 4)
+    assert (written["model"]["lora"]["rank"], written["model"]["lora"]["alpha"], written["model"]["lora"]["dropout"]) \
+        == (32, 16.0, 0.0)
+    assert (written["data"]["train"]["split"], written["data"]["eval_prefs"]["split"], written["eval"]["eval_steps"],
+            written["data"]["completion_end"]) == ("train", "test", 1, "template")
+    assert (work / "phases" / "r1_reward" / "model").is_dir()

@@ -103,8 +103,31 @@ def _hold_out(splits: list[str], size: Any) -> tuple[str, str] | str:
 
 
 def dataset_rows(r: Recipe) -> list[Row]:
-    """Rows for the recipe's dataset keys: data.train.*, and the held-out data (data.eval_prefs for the pair trainers,
-    data.eval_prompts for all) from ``test_split_size`` or, when the recipe evaluates, ``dataset_test_split``."""
+    """The dataset rows (:func:`_dataset_rows`) and, for the reward trainer, what becomes of a per-row margin."""
+    rows = _dataset_rows(r)
+    return rows + [_margin_row(r)] if r.trainer == "reward" else rows
+
+
+def _margin_row(r: Recipe) -> Row:
+    """TRL's RewardTrainer subtracts a dataset's per-row ``margin`` column from r(chosen) - r(rejected) when it has
+    one; jaxalign's Bradley-Terry loss subtracts one constant, ``reward.margin``. A mixture whose ``columns`` keep
+    that column asks for per-row margins: refused (setting reward.margin takes one constant instead). Otherwise the
+    table says so: a hub dataset's columns are not known before it is read, and jaxalign reads no margin column."""
+    found = _entries(r)
+    kept = [e["columns"] for e in found[1] if "margin" in (e["columns"] or ())] if not isinstance(found, str) else []
+    if kept and "data.train.source" not in r.given:
+        return refuse("margin (column)", kept[0], "TRL's reward trainer subtracts each row's margin column from "
+                                                    "r(chosen) - r(rejected); jaxalign's Bradley-Terry loss subtracts "
+                                                    "one constant for every pair", "reward.margin")
+    return not_applicable("margin (column)", None, "TRL subtracts a dataset's per-row margin column from r(chosen) - "
+                                                   "r(rejected); jaxalign subtracts one constant, reward.margin (0: "
+                                                   "none), and reads no such column")
+
+
+def _dataset_rows(r: Recipe) -> list[Row]:
+    """Rows for the recipe's dataset keys: data.train.*, and the held-out data (data.eval_prefs for the pair and reward
+    trainers, data.eval_prompts for all but the reward trainer: ``Recipe.held_out``) from ``test_split_size`` or, when
+    the recipe evaluates, ``dataset_test_split``."""
     k = r.keys
     present = [n for n in DATASET_KEYS if n in k]
     if "data.train.source" in r.given:
@@ -146,13 +169,18 @@ def dataset_rows(r: Recipe) -> list[Row]:
         rows.append(row(key, "data.train.data_dir", first["data_dir"]))
     if fmt != "auto":
         rows.append(row(key, "data.train.format", fmt))
-    roles = (("eval_prefs", "eval_prompts") if r.pairs else ("eval_prompts",)) if test_split else ()
+    roles = r.held_out if test_split else ()
     for i, role in enumerate(roles):
         rows += [row("dataset_test_split", f"data.{role}.source", first["source"], "" if i else note),
                  row("dataset_test_split", f"data.{role}.name", first["name"] or ""),
                  row("dataset_test_split", f"data.{role}.split", test_split)]
         if fmt != "auto":
             rows.append(row("dataset_test_split", f"data.{role}.format", fmt))
+    if "eval_prefs" in roles:
+        trl_key = key if own else "dataset_test_split"
+        rows.append(Row(trl_key, k.get(trl_key), status="differs",
+                        note="TRL evaluates the whole held-out split; jaxalign its first eval.heldout_limit pairs (256 "
+                             "unless set; raise it to cover the split)"))
     used = {key, *{"dataset_mixer": ("dataset_splits",), "datasets": ("test_split_size",),
                    "dataset_name": ("dataset_config", "dataset_train_split")}.get(key, ())}
     for name in present:

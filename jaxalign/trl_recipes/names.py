@@ -22,15 +22,13 @@ from typing import Any
 
 # TRL trainer -> (run.method, the config section its optimisation settings go to)
 TRAINERS = {"sft": ("sft", "sft"), "dpo": ("dpo", "policy"), "cpo": ("dpo", "policy"),
-            "grpo": ("irl", "policy"), "rloo": ("irl", "policy")}
+            "grpo": ("irl", "policy"), "rloo": ("irl", "policy"), "reward": ("reward", "reward")}
 # trainers jaxalign has no counterpart for (arXiv ids: docs/trl_users.md)
 REFUSED_TRAINERS = {
     "orpo": "ORPO (odds-ratio preference optimisation) is not an objective jaxalign has",
     "kto": "KTO (unpaired, prospect-theoretic) is not an objective jaxalign has",
     "ppo": "TRL's PPO optimises a given reward model; jaxalign's policy.kind=ppo trains its reward model inside IRL "
            "rounds (run.method=irl), so write that recipe in jaxalign's own sections",
-    "reward": "jaxalign trains reward models inside IRL / AfD rounds on (demonstration, own sample) pairs, not as a "
-              "run on given preference pairs",
     "online_dpo": "online DPO with a judge is not a method jaxalign has",
     "xpo": "XPO is not a method jaxalign has", "nash_md": "Nash-MD is not a method jaxalign has",
     "gkd": "GKD (on-policy distillation) is not a method jaxalign has",
@@ -46,7 +44,13 @@ TRAINER_HINTS = {
     "num_generations": {"grpo", "rloo"}, "max_completion_length": {"grpo", "rloo"}, "epsilon": {"grpo", "rloo"},
     "epsilon_high": {"grpo", "rloo"}, "scale_rewards": {"grpo"}, "use_bias_correction_kl": {"grpo"},
     "mask_truncated_completions": {"grpo", "rloo"}, "rloo_k": {"rloo"}, "normalize_advantages": {"rloo"},
+    "center_rewards_coefficient": {"reward"},
 }
+# PEFT task types that tell the trainer by their value (lora_task_type: SEQ_CLS is a reward model's head)
+LORA_TASK_TYPES = {"SEQ_CLS": {"reward"}}
+# PEFT modules_to_save that name a sequence-classification head (PEFT's SEQ_CLS adds both); jaxalign's reward LoRA
+# trains the whole head with the adapters
+SCORE_HEADS = ("score", "classifier")
 LOSS_TYPES = {  # TRL loss_type -> the trainers that have it
     **{k: {"dpo"} for k in ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")},
@@ -137,10 +141,12 @@ AT_DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "cpo_alpha": ((0.0, 0), "CPO's behaviour-cloning term is not in jaxalign's SimPO objective (SimPO is "
                             "cpo_alpha=0)"),
     "tools": ((None, []), "jaxalign renders no tool schemas"),
+    "pad_token": ((None,), "deprecated in TRL 1.1; jaxalign pads with the tokenizer's own pad token (else EOS), so "
+                           "give a tokenizer that has the one you want"),
 }
 # jaxalign keys whose explicit setting replaces what a refused AT_DEFAULT_ONLY key asked for ({s}: the section)
 AT_DEFAULT_LIFTED_BY = {"model_revision": ("model.path",), "lr_scheduler_kwargs": ("{s}.schedule",),
-                        "chat_template_path": ("data.chat_template",)}
+                        "chat_template_path": ("data.chat_template",), "pad_token": ("model.tokenizer",)}
 # keys of recipes written for other scripts (open-r1's GRPO) that decide what is trained
 REFUSED = {
     "reward_funcs": "jaxalign scores on-policy samples with data.gold_metric's scorer (policy.reward=gold) or a "
@@ -166,6 +172,8 @@ TRL_DEFAULTS = {
              "scale_rewards": "group", "use_bias_correction_kl": True},
     "rloo": {**_COMMON, **_ONPOLICY, "learning_rate": 1e-6, "beta": 0.05, "num_generations": 2,
              "normalize_advantages": False},
+    # center_rewards_coefficient None = jaxalign's reward.center_coef 0; disable_dropout True: see model.lora.dropout
+    "reward": {**_COMMON, "max_length": 1024, "learning_rate": 1e-4},
 }
 DEFAULT_ALIASES = {"max_length": ("max_seq_length",), "num_generations": ("rloo_k",), "bf16": ("fp16",)}
 
@@ -184,6 +192,7 @@ MAPPED = (
     "evaluation_strategy", "eval_steps", "push_to_hub", "hub_model_id", "hub_private_repo", "use_peft", "lora_r",
     "lora_alpha", "lora_dropout", "lora_target_modules", "weight_decay", "max_grad_norm", "optim", "packing",
     "packing_strategy", "assistant_only_loss", "completion_only_loss", "precompute_ref_log_probs", "disable_tqdm",
+    "center_rewards_coefficient",
 )
 
 
@@ -230,9 +239,18 @@ class Recipe:
 
     @property
     def section(self) -> str:
-        """The jaxalign section that trains: sft or policy."""
+        """The jaxalign section that trains: sft, reward or policy."""
         return TRAINERS[self.trainer][1]
 
     @property
     def pairs(self) -> bool:
+        """A policy trained on given preference pairs (held-out pairs and prompts both mean something)."""
         return self.trainer in ("dpo", "cpo")
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        """The data.* roles a recipe's held-out split fills: pairs for the pair trainers' curves (and the reward
+        model's), prompts for the answers of the trainers that generate (the reward trainer generates none)."""
+        if self.trainer == "reward":
+            return ("eval_prefs",)
+        return ("eval_prefs", "eval_prompts") if self.pairs else ("eval_prompts",)

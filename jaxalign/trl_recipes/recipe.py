@@ -22,10 +22,10 @@ from typing import Any
 
 from jaxalign.config_checks import ConfigError
 from jaxalign.trl_recipes.data import DATASET_KEYS, dataset_rows
-from jaxalign.trl_recipes.names import (AT_DEFAULT_LIFTED_BY, AT_DEFAULT_ONLY, DEFAULT_ALIASES, LOSS_TYPES,
-                                NOT_APPLICABLE, REFUSED, REFUSED_TRAINERS, TRAINER_HINTS, TRAINERS, TRL_DEFAULTS,
-                                Recipe, Row, not_applicable, refuse, trl_names)
-from jaxalign.trl_recipes.training import HANDLERS
+from jaxalign.trl_recipes.names import (AT_DEFAULT_LIFTED_BY, AT_DEFAULT_ONLY, DEFAULT_ALIASES, LORA_TASK_TYPES,
+                                LOSS_TYPES, NOT_APPLICABLE, REFUSED, REFUSED_TRAINERS, TRAINER_HINTS, TRAINERS,
+                                TRL_DEFAULTS, Recipe, Row, not_applicable, refuse, trl_names)
+from jaxalign.trl_recipes.training import HANDLERS, head_trains_in_peft
 
 DONE = ("mapped", "default")  # rows whose jaxalign key is set
 
@@ -51,6 +51,8 @@ def detect_trainer(keys: dict[str, Any], path: Path, hint: str = "") -> str:
             if key == "loss_type":
                 hints = set().union(*(LOSS_TYPES.get(v, set()) for v in (value if isinstance(value, list) else
                                                                           [value])))
+            if key == "lora_task_type":
+                hints = set(LORA_TASK_TYPES.get(str(value).upper(), ()))
             if hints:
                 candidates = hints if candidates is None else candidates & hints
         if from_path and (candidates is None or from_path in candidates or from_path in REFUSED_TRAINERS):
@@ -62,7 +64,7 @@ def detect_trainer(keys: dict[str, Any], path: Path, hint: str = "") -> str:
                 if from_path else f"its keys fit {', '.join(sorted(candidates)) or 'no one trainer'}" \
                 if candidates is not None else "neither its path nor its keys name one"
             raise ConfigError(f"{where}: cannot tell which TRL trainer this recipe is for ({seen}). Say it with "
-                              f"--trainer {'|'.join(known)} (or run.method=sft / run.method=dpo).")
+                              f"--trainer {'|'.join(known)} (or run.method=sft / dpo / reward).")
     if name in REFUSED_TRAINERS:
         raise ConfigError(f"{where}: a TRL {name.upper()} recipe: {REFUSED_TRAINERS[name]}. jaxalign runs TRL's "
                           f"{', '.join(t.upper() for t in known)} recipes (docs/trl_users.md).")
@@ -112,6 +114,18 @@ def _method_rows(r: Recipe) -> list[Row]:
             rows.append(Row("assistant_only_loss", False, status="differs",
                             note="TRL's default puts a conversation's user turns in the loss too; jaxalign's SFT "
                                  "trains the assistant turns only"))
+    elif t == "reward":
+        rows += [Row("(trainer)", t, "sft.enabled", False,
+                     note="the given model is the starting point: a fresh score head on its backbone, as TRL (go "
+                          "on from a sequence-classification checkpoint with model.reward_path)"),
+                 Row("(trainer)", t, "data.completion_end", "template",
+                     note="TRL 1.x scores everything the chat template renders, the text after the end-of-turn "
+                          "token too; the reward is read at the last token")]
+        if k.get("use_peft") and k.get("lora_task_type") is None and not head_trains_in_peft(r):
+            rows.append(Row("lora_task_type", None, status="differs",
+                            note="TRL's default CAUSAL_LM leaves the score head frozen under PEFT (its "
+                                 "reward_modeling.py example passes SEQ_CLS); jaxalign trains the head with the "
+                                 "adapters, as SEQ_CLS"))
     else:
         rows.append(Row("(trainer)", t, "sft.enabled", False, note="the given model is the starting point"))
     if t in ("dpo", "cpo"):
@@ -122,7 +136,8 @@ def _method_rows(r: Recipe) -> list[Row]:
                  Row("(trainer)", t, "policy.reward", "gold",
                      note="TRL's reward functions are Python; name jaxalign's scorer with data.gold_metric")]
     length = k.get("max_length", k.get("max_seq_length"))
-    if "max_prompt_length" not in k and isinstance(length, int) and length >= 2 and t in ("sft", "dpo", "cpo"):
+    if ("max_prompt_length" not in k or t == "reward") and isinstance(length, int) and length >= 2 and \
+            t in ("sft", "dpo", "cpo", "reward"):
         rows.append(Row("max_prompt_length", None, "data.max_prompt_length", length - 1, "default",
                         "TRL 1.x has no prompt limit: a prompt may fill max_length"))
     completion = k.get("max_completion_length")
@@ -235,13 +250,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> set[str]:
 
 
 def _hint(ours: list[tuple[str, Any, str]], trainer: str) -> str:
-    """--trainer, else run.method=sft|dpo or policy.kind=grpo|rloo on the command line."""
+    """--trainer, else run.method=sft|dpo|reward or policy.kind=grpo|rloo on the command line."""
     given = {k: v for k, v, _ in ours}
     if trainer:
         return trainer
     if given.get("policy.kind") in ("grpo", "rloo"):
         return given["policy.kind"]
-    return {"sft": "sft", "dpo": "dpo"}.get(given.get("run.method"), "")
+    return {"sft": "sft", "dpo": "dpo", "reward": "reward"}.get(given.get("run.method"), "")
 
 
 def map_recipe(raw: dict[str, Any], items: list[tuple[str, Any, str]], *, path: Path, trainer: str = "",
@@ -270,7 +285,7 @@ def map_recipe(raw: dict[str, Any], items: list[tuple[str, Any, str]], *, path: 
         run, policy = own.get("run") or {}, own.get("policy") or {}
         method = dict((k, v) for k, v, _ in ours).get("run.method", run.get("method", "irl"))
         kind = dict((k, v) for k, v, _ in ours).get("policy.kind", policy.get("kind", "pairs"))
-        name = trainer or ("sft" if method == "sft" else kind if kind in ("grpo", "rloo") else "dpo")
+        name = trainer or (method if method in ("sft", "reward") else kind if kind in ("grpo", "rloo") else "dpo")
         keys = dict(trl_items)
     recipe = Recipe(keys, name, given, frozenset(trl_items), defaults=is_recipe)
     return Translation(own, ours, translate(recipe), name, where)

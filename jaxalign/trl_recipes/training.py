@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from jaxalign.trl_recipes.names import (ADAMW, DPO_LOSSES, GRPO_LOSSES, LORA_MODULES, PEFT_DEFAULT_TARGETS, Recipe, Row,
-                                not_applicable, refuse)
+from jaxalign.trl_recipes.names import (ADAMW, AT_DEFAULT_ONLY, DPO_LOSSES, GRPO_LOSSES, LORA_MODULES, NOT_APPLICABLE,
+                                PEFT_DEFAULT_TARGETS, SCORE_HEADS, Recipe, Row, not_applicable, refuse)
 
 Handler = Callable[[Recipe, str, Any], list[Row]]
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -158,8 +158,8 @@ def _loss(r: Recipe, key: str, value: Any) -> list[Row]:
         return [Row(key, value, "policy.length_norm", GRPO_LOSSES[name], note=note if name == "dapo" else "")]
     if r.trainer == "sft" and name == "nll":
         return [not_applicable(key, value, "jaxalign's SFT loss is the NLL")]
-    if r.trainer == "rloo":
-        return [not_applicable(key, value, "not a setting of TRL's RLOO trainer")]
+    if r.trainer in ("rloo", "reward"):
+        return [not_applicable(key, value, f"not a setting of TRL's {r.trainer.upper()} trainer")]
     return [refuse(key, value, f"jaxalign has no {r.trainer.upper()} loss_type {name!r} (objectives: dpo = sigmoid, "
                                f"hinge, ipo, robust; simpo from CPO; GRPO: grpo, bnpo, dapo, dr_grpo)",
                    "policy.objective")]
@@ -168,8 +168,8 @@ def _loss(r: Recipe, key: str, value: Any) -> list[Row]:
 def _beta(r: Recipe, key: str, value: Any) -> list[Row]:
     if r.trainer in ("grpo", "rloo"):
         return [Row(key, value, "policy.kl_coef", float(value), note="the KL coefficient")]
-    if r.trainer == "sft":
-        return [not_applicable(key, value, "not a setting of TRL's SFT trainer")]
+    if r.trainer in ("sft", "reward"):
+        return [not_applicable(key, value, f"not a setting of TRL's {r.trainer.upper()} trainer")]
     return [Row(key, value, "policy.beta", float(value))]
 
 
@@ -204,6 +204,27 @@ def _scale_rewards(r: Recipe, key: str, value: Any) -> list[Row]:
 
 # ---- model, LoRA ------------------------------------------------------------------------------------------------
 
+# trainers whose config has ``disable_dropout`` default true (TRL 1.16: DPOConfig, CPOConfig, RewardConfig); SFT,
+# GRPO and RLOO default to false
+DROPOUT_OFF_BY_DEFAULT = ("dpo", "cpo", "reward")
+
+
+def _dropout_off(r: Recipe) -> bool:
+    """TRL's DPO, CPO and reward trainers run ``disable_dropout_in_model`` (``disable_dropout``, default true) after
+    wrapping the model in PEFT: every ``nn.Dropout``, LoRA's included, is zeroed."""
+    if r.trainer in DROPOUT_OFF_BY_DEFAULT:
+        return r.keys.get("disable_dropout", True) is not False
+    return r.keys.get("disable_dropout", False) is True
+
+
+def _lora_dropout(r: Recipe, key: str, value: Any, default: bool = False) -> Row:
+    if _dropout_off(r):
+        return Row(key, value, "model.lora.dropout", 0.0, note="disable_dropout (TRL's default: true) zeroes LoRA's "
+                                                               "dropout too")
+    return Row(key, value, "model.lora.dropout", 0.05 if default else float(value),
+               note="TRL's default lora_dropout" if default else "")
+
+
 def _lora(r: Recipe, key: str, value: Any) -> list[Row]:
     if not r.keys.get("use_peft"):
         return [not_applicable(key, value, "use_peft is false")] if key != "use_peft" else \
@@ -214,8 +235,7 @@ def _lora(r: Recipe, key: str, value: Any) -> list[Row]:
                     note="" if "lora_r" in k else "PEFT's default r = 16")] + \
             ([Row(key, value, "model.lora.alpha", 32.0, note="TRL's default lora_alpha")] if "lora_alpha" not in k
              else []) + \
-            ([Row(key, value, "model.lora.dropout", 0.05, note="TRL's default lora_dropout")]
-             if "lora_dropout" not in k else []) + \
+            ([_lora_dropout(r, key, value, default=True)] if "lora_dropout" not in k else []) + \
             ([Row(key, value, "model.lora.targets", PEFT_DEFAULT_TARGETS, note="PEFT's default for Llama / "
                                                                              "Mistral / Qwen2")]
              if not k.get("lora_target_modules") else [])
@@ -224,7 +244,7 @@ def _lora(r: Recipe, key: str, value: Any) -> list[Row]:
     if key == "lora_alpha":
         return [Row(key, value, "model.lora.alpha", float(value))]
     if key == "lora_dropout":
-        return [Row(key, value, "model.lora.dropout", float(value))]
+        return [_lora_dropout(r, key, value)]
     modules = value if isinstance(value, list) else [value]
     if modules in (["all-linear"], ["all_linear"]):
         return [Row(key, value, "model.lora.targets", list(LORA_MODULES.values()))]
@@ -233,6 +253,44 @@ def _lora(r: Recipe, key: str, value: Any) -> list[Row]:
         return [refuse(key, value, f"modules {unknown} are not projections jaxalign adapts "
                                    f"({', '.join(LORA_MODULES)})", "model.lora.targets")]
     return [Row(key, value, "model.lora.targets", [LORA_MODULES[m] for m in modules])]
+
+
+def head_trains_in_peft(r: Recipe) -> bool:
+    """Whether TRL's PEFT model trains the reward model's score head: ``lora_task_type: SEQ_CLS`` (PEFT adds the head
+    to ``modules_to_save``) or the head named in ``lora_modules_to_save``."""
+    saved = r.keys.get("lora_modules_to_save") or []
+    saved = saved if isinstance(saved, list) else [saved]
+    return str(r.keys.get("lora_task_type") or "CAUSAL_LM").upper() == "SEQ_CLS" or bool(set(saved) & set(SCORE_HEADS))
+
+
+def _lora_task_type(r: Recipe, key: str, value: Any) -> list[Row]:
+    if r.trainer != "reward":
+        return [not_applicable(key, value, NOT_APPLICABLE[key])]
+    if not r.keys.get("use_peft"):
+        return [not_applicable(key, value, "use_peft is false")]
+    if value is None:  # cleared on the command line: TRL's default, CAUSAL_LM (the differs row of the trainer)
+        return [not_applicable(key, value, "not set")]
+    if head_trains_in_peft(r):
+        return [not_applicable(key, value, "as jaxalign does: the score head trains with the adapters")]
+    return [refuse(key, value, "with this task type PEFT leaves the reward model's score head frozen (a fresh head "
+                               "stays at its random init); jaxalign's reward LoRA trains the head with the adapters, "
+                               "as lora_task_type SEQ_CLS does (what TRL's reward_modeling.py example passes)")]
+
+
+def _modules_to_save(r: Recipe, key: str, value: Any) -> list[Row]:
+    allowed, why = AT_DEFAULT_ONLY[key]
+    modules = value if isinstance(value, list) else [value]
+    if value in allowed:
+        return [not_applicable(key, value, "as jaxalign does")]
+    if r.trainer == "reward" and set(modules) <= set(SCORE_HEADS):
+        return [not_applicable(key, value, "as jaxalign does: the score head trains with the adapters")]
+    return [refuse(key, value, why + (" (and the score head, in a reward model)" if r.trainer == "reward" else ""))]
+
+
+def _disable_dropout(r: Recipe, key: str, value: Any) -> list[Row]:
+    if r.keys.get("use_peft"):
+        return [Row(key, value, note="see model.lora.dropout")]
+    return [not_applicable(key, value, NOT_APPLICABLE[key])]
 
 
 def _remat(r: Recipe, key: str, value: Any) -> list[Row]:
@@ -301,7 +359,13 @@ def _packing_strategy(r: Recipe, key: str, value: Any) -> list[Row]:
 def _max_length(r: Recipe, key: str, value: Any) -> list[Row]:
     if not (_is_int(value) and value >= 2):
         return [refuse(key, value, "jaxalign needs a sequence length bound", "data.max_length")]
-    return [Row(key, value, "data.max_length", int(value))]
+    rows = [Row(key, value, "data.max_length", int(value))]
+    if r.trainer == "reward":
+        rows.append(Row(key, value, status="differs",
+                        note="TRL's reward trainer drops a pair whose chosen or rejected sequence is longer; jaxalign "
+                             "keeps it, cut to fit (the prompt keeps its end, the response its start), and its data "
+                             "report counts the cut rows"))
+    return rows
 
 
 def _optional_float(our: str, none: float) -> Handler:
@@ -313,7 +377,8 @@ HANDLERS: dict[str, Handler] = {
     "torch_dtype": _param_dtype, "dtype": _param_dtype, "bf16": _compute_dtype, "fp16": _compute_dtype,
     "gradient_checkpointing": _remat, "chat_template": _to("data.chat_template", lambda v: v or ""),
     "dataset_num_proc": _to("data.num_proc", lambda v: int(v or 1)),
-    "max_length": _max_length, "max_seq_length": _max_length, "max_prompt_length": _to("data.max_prompt_length", int),
+    "max_length": _max_length, "max_seq_length": _max_length,
+    "max_prompt_length": _for(("sft", "dpo", "cpo", "grpo", "rloo"), _to("data.max_prompt_length", int)),
     "learning_rate": _to("{s}.learning_rate", float), "weight_decay": _to("{s}.weight_decay", float),
     "max_grad_norm": _to("{s}.max_grad_norm", lambda v: float(v or 0.0)), "lr_scheduler_type": _schedule,
     "warmup_ratio": _warmup, "warmup_steps": _warmup, "optim": _optim, "num_train_epochs": _epochs,
@@ -338,7 +403,9 @@ HANDLERS: dict[str, Handler] = {
     "missing_eos_penalty": _for(("grpo", "rloo"), _optional_float("policy.missing_eos_penalty", 0.0)),
     "generation_batch_size": _for(("grpo", "rloo"), _rollout),
     "steps_per_generation": _for(("grpo", "rloo"), _rollout),
+    "center_rewards_coefficient": _for(("reward",), _optional_float("reward.center_coef", 0.0)),
     "use_peft": _lora, "lora_r": _lora, "lora_alpha": _lora, "lora_dropout": _lora, "lora_target_modules": _lora,
+    "lora_task_type": _lora_task_type, "lora_modules_to_save": _modules_to_save, "disable_dropout": _disable_dropout,
     "output_dir": _output_dir, "run_name": _to("run.name", str), "report_to": _trackers,
     "logging_steps": _every("run.logging_steps"), "save_steps": _every("{s}.save_every"),
     "save_total_limit": _every("reliability.keep_checkpoints"), "eval_strategy": _eval_strategy,
