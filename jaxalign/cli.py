@@ -1,12 +1,15 @@
 """jaxalign's command line: run a recipe, or plan it for a TPU slice.
 
-    jaxalign --config ultrachat_dil [--workdir DIR] [key=value ...]      (or: python launch/tpu_run.py ...)
-    jaxalign --config ultrachat_dil --plan v5p:4x4x4     # AOT memory / FLOPs plan, no TPU needed
-    jaxalign --config zephyr_dpo_config_full.yaml num_processes=8   # a TRL / alignment-handbook recipe file
-    jaxalign --list-configs                               # the recipes that ship with jaxalign
+    jaxalign --config demo_cpu              # the CPU demo: a tiny model
+    jaxalign --config ultrachat_dil k=v     # a recipe of configs/, overridden
+    jaxalign --config ultrachat_dil --plan v5p:4x4x4    # memory plan, no TPU
+    jaxalign --config trl_dpo.yaml          # a TRL / alignment-handbook file
+    jaxalign --list-configs                 # the recipes that ship
+    python launch/tpu_run.py ...            # the same, from a checkout
 
-Exit codes: 0 done; 2 bad input (a one-paragraph message, nothing compiled); 75 preempted (SIGTERM / SIGINT: the
-running phase saved a checkpoint — re-run the same command to resume); 1 anything else.
+Exit codes: 0 done; 2 bad input (a one-paragraph message on stderr, nothing compiled, nothing written: the work
+directory is neither created nor changed); 75 preempted (SIGTERM / SIGINT: the running phase saved a checkpoint —
+re-run the same command to resume); 1 anything else.
 """
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ import dataclasses
 import inspect
 import io
 import os
+import re
+import shutil
 import sys
+import textwrap
 import tokenize
 import typing
 
@@ -25,9 +31,13 @@ EXIT_INTERRUPTED = 75
 
 # ---- the config keys for --help, read from the schema (jaxalign/config.py) -------------------------------------------
 
+_DIVIDER = re.compile(r"^-{3,}.*-{3,}$")  # "# ---- on-policy kinds ... ----": a section heading, nobody's meaning
+
+
 def field_comments(cls) -> dict[str, str]:
     """Each dataclass field's meaning as its source writes it: the trailing ``# comment`` on the field's line, else
-    the comment block right above the field. Inherited fields come from their base class's source."""
+    the comment block right above the field. Inherited fields come from their base class's source. A section heading
+    comment (``# ---- name ----``) describes no field: it ends the block above like a blank line."""
     out: dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         try:
@@ -40,7 +50,9 @@ def field_comments(cls) -> dict[str, str]:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             if tok.type == tokenize.COMMENT:
                 text = tok.string.lstrip("#").strip()
-                if field is not None:
+                if _DIVIDER.match(text):
+                    above = []
+                elif field is not None:
                     out[field] = text
                 elif line_start:
                     above.append(text)
@@ -63,14 +75,41 @@ def field_comments(cls) -> dict[str, str]:
     return out
 
 
+def key_choices() -> dict[str, tuple]:
+    """The allowed values of the keys that have a fixed set, from the tables the config checks use (so --help and
+    the checks cannot disagree)."""
+    from jaxalign import config_checks as checks
+    from jaxalign.data.formats import FORMATS
+    from jaxalign.losses import OBJECTIVES, PAIR_RULES
+    from jaxalign.models.lora import TARGETS as LORA_TARGETS
+
+    out = {key: tuple(allowed) for key, allowed in checks.CHOICES.items() if "." in key}
+    for section in ("sft", "reward", "policy"):
+        out[f"{section}.optimizer"] = tuple(checks.CHOICES["optimizer"])
+        out[f"{section}.schedule"] = tuple(checks.CHOICES["schedule"])
+    for name in ("train", "eval_prompts", "eval_prefs"):
+        out[f"data.{name}.format"] = ("auto",) + tuple(FORMATS)
+    out["policy.objective"] = tuple(sorted(OBJECTIVES))
+    out["policy.pair_rule"] = tuple(PAIR_RULES)
+    out["model.lora.base_dtype"] = ("",) + tuple(checks.DTYPES)
+    out["model.lora.targets"] = tuple(LORA_TARGETS)  # any non-empty subset
+    return out
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def config_keys_help() -> str:
-    """Every key of ``jaxalign.config.valid_keys()`` as ``key  type = default  meaning``."""
+def _mentions(text: str, value: str) -> bool:
+    return bool(re.search(rf"(?<![\w.]){re.escape(value)}(?!\w)", text))
+
+
+def key_descriptions() -> list[tuple[str, str, str]]:
+    """Every key of ``jaxalign.config.valid_keys()`` as (key, ``type = default``, meaning); the meaning is the
+    schema's comment plus the allowed values where the comment does not already name them all."""
     from jaxalign import config as config_lib
 
+    choices = key_choices()
     rows = []
     for key in config_lib.valid_keys():
         cls = config_lib.Config
@@ -80,9 +119,29 @@ def config_keys_help() -> str:
         f = {f.name: f for f in dataclasses.fields(cls)}[name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         meaning = field_comments(cls).get(name, "")
+        allowed = choices.get(key)
+        if allowed and not all(_mentions(meaning, a) for a in allowed if a):
+            shown = " | ".join(repr(a) if a == "" else str(a) for a in allowed)
+            meaning = f"{meaning.rstrip('.')}; one of: {shown}" if meaning else f"one of: {shown}"
         rows.append((key, f"{_type_name(typing.get_type_hints(cls)[name])} = {default!r}", meaning))
-    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    return "\n".join(f"  {k:<{w0}}  {t:<{w1}}  {m}".rstrip() for k, t, m in rows)
+    return rows
+
+
+def help_width() -> int:
+    """The terminal's width, as argparse measures it (COLUMNS, else the terminal, else 80), less argparse's margin."""
+    return max(shutil.get_terminal_size().columns - 2, 40)
+
+
+def config_keys_help(width: int | None = None) -> str:
+    """Every config key on its own line (``key  type = default``), its meaning below it, wrapped to ``width``."""
+    width = width or help_width()
+    out = []
+    for key, typed, meaning in key_descriptions():
+        out += textwrap.wrap(f"{key}  {typed}", width, initial_indent="  ", subsequent_indent="      ",
+                             break_on_hyphens=False)
+        out += textwrap.wrap(meaning, width, initial_indent="      ", subsequent_indent="      ",
+                             break_on_hyphens=False)
+    return "\n".join(out)
 
 
 def list_configs() -> str:
@@ -98,34 +157,98 @@ def list_configs() -> str:
     return f"recipes in {CONFIG_DIR}:\n" + "\n".join(f"  {n:<{width}}  {d}" for n, d in rows)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The description wrapped to the terminal: prose paragraphs refilled, indented example lines kept as lines (a
+    long one continues on the next line, indented further)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        for block in re.split(r"\n\s*\n", text.strip("\n")):
+            lines = block.splitlines()
+            if all(line.startswith(" ") for line in lines):
+                for line in lines:
+                    lead = line[: len(line) - len(line.lstrip())]
+                    out += textwrap.wrap(line.strip(), width, initial_indent=indent + lead,
+                                         subsequent_indent=indent + lead + "    ", break_on_hyphens=False)
+            else:
+                out += textwrap.wrap(" ".join(line.strip() for line in lines), width, initial_indent=indent,
+                                     subsequent_indent=indent, break_on_hyphens=False)
+            out.append("")
+        return "\n".join(out).rstrip("\n") + "\n"
+
+
 class _ParserWithKeys(argparse.ArgumentParser):
     """argparse's help plus the config keys; built when --help is asked for, so a new key appears by itself (on the
     parser, not its formatter: argparse formats the usage line with the formatter too)."""
 
     def format_help(self) -> str:
-        return super().format_help() + "\nconfig keys (set any as key=value):\n" + config_keys_help() + "\n"
+        head = textwrap.fill("config keys (set any as key=value; a recipe sets them in YAML sections, e.g. policy: "
+                             "{beta: 0.1}):", help_width(), break_on_hyphens=False)
+        return super().format_help() + "\n" + head + "\n" + config_keys_help() + "\n"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _ParserWithKeys(prog="jaxalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _ParserWithKeys(prog="jaxalign", description=__doc__, formatter_class=_Formatter)
     ap.add_argument("--config", default="demo_cpu", help="a name in configs/ or a YAML path (default: demo_cpu); a "
                     "TRL / alignment-handbook recipe runs through the name map of docs/trl_users.md")
     ap.add_argument("--trainer", default="", metavar="NAME",
-                    help="the TRL trainer a TRL recipe is for (sft, dpo, cpo, grpo, rloo) where neither its path nor "
-                         "its keys tell")
-    ap.add_argument("--workdir", default=None, help="where the run writes (default runs/<run.name>); a local folder or a bucket (gs://BUCKET/PATH); on several hosts one all of them see")
-    ap.add_argument("--plan", default=None, metavar="TOPOLOGY", help="AOT-compile every phase for a TPU topology")
+                    help="the TRL trainer a TRL recipe is for (sft, dpo, cpo, grpo, rloo, reward) where neither its "
+                         "path nor its keys tell")
+    ap.add_argument("--workdir", default=None, metavar="DIR",
+                    help="where the run writes (default runs/<run.name>); a local folder or a bucket "
+                         "(gs://BUCKET/PATH); on several hosts one all of them see")
+    ap.add_argument("--plan", default=None, metavar="TOPOLOGY", help="AOT-compile every phase for a TPU topology, "
+                    "e.g. v5p:4x4x4, and print memory / FLOPs per chip; runs nothing")
     ap.add_argument("--force", action="store_true", help="redo phases whose config changed / reuse another run's dir")
     ap.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                     help="auto: start jax.distributed on a multi-host environment JAX detects (TPU pod, GKE, SLURM, "
                          "Open MPI) or from the JAX_* variables, nothing on one host; on: from JAX_COORDINATOR_ADDRESS,"
                          " JAX_NUM_PROCESSES, JAX_PROCESS_ID (CPU too); off: never")
     ap.add_argument("--list-configs", action="store_true", help="list the recipes with their first comment line")
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. policy.learning_rate=5e-7 (keys: see below)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, e.g. policy.learning_rate=5e-7 (keys: see below)")
     return ap
 
 
 # ---- running ---------------------------------------------------------------------------------------------------------
+
+def quiet_transformers() -> None:
+    """transformers warns "PyTorch was not found" on import where torch is absent; jaxalign never needs torch (it
+    reads tokenizers and configs only), so that advice is noise. TRANSFORMERS_NO_ADVISORY_WARNINGS silences exactly
+    transformers' advisory warnings (logger.warning_advice: in transformers 5 only that one), not its other warnings
+    or errors; a value the user set is kept."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def run_summary(cfg, recipe: str, workdir: str | None) -> str:
+    """What the terminal shows before a run: the recipe, method, model, data and where the run writes (the whole
+    resolved config goes to <workdir>/run.yaml, not to the terminal)."""
+    from jaxalign import config as config_lib
+
+    method = [cfg.run.method]
+    if cfg.run.num_rounds() > 1:
+        method.append(f"{cfg.run.num_rounds()} rounds")
+    round_ = cfg.run.round_phases(cfg.policy.kind)
+    if "policy" in round_:
+        method.append(f"policy.objective={cfg.policy.objective}"
+                      + (f", policy.kind={cfg.policy.kind}" if cfg.policy.kind != "pairs" else ""))
+    if cfg.model.lora.rank:
+        method.append(f"LoRA rank {cfg.model.lora.rank}")
+    demo = "generated by the demo task (run.demo_task)"
+    ds = cfg.data.train
+    data = (f"{ds.source}" + (f" ({ds.name})" if ds.name else "") + f", split {ds.split}"
+            + (f", first {ds.limit} rows" if ds.limit else "")) if ds.source else (demo if cfg.run.demo_task else "")
+    rows = [("recipe", recipe), ("method", ", ".join(method)),
+            ("model", cfg.model.path or (demo if cfg.run.demo_task else "(not set: model.path)")),
+            ("data", data or "(not set: data.train.source)")]
+    if workdir is None:
+        head = "# resolved config (--plan: compiled for the topology; nothing is run or written)"
+    else:
+        rows += [("workdir", workdir), ("run.yaml", f"{workdir.rstrip('/')}/run.yaml")]
+        head = f"# resolved config: all {len(config_lib.valid_keys())} keys go to run.yaml once the inputs check out"
+    width = max(len(k) for k, _ in rows)
+    return head + "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
 
 def _stop_on_signals() -> dict:
     """SIGTERM anywhere outside a training loop (loading, sampling, evaluating, writing the report) stops the run like
@@ -153,8 +276,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser().parse_intermixed_args(argv)
 
 
+def _no_arguments() -> int:
+    """A bare ``jaxalign``: the usage and where to start, exit 2 (it used to start the demo unasked)."""
+    parser().print_usage(sys.stderr)
+    print("jaxalign: error: no recipe given: name one with --config (jaxalign --list-configs lists them; jaxalign "
+          "--config demo_cpu runs the CPU demo); jaxalign --help describes every option and config key.",
+          file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        return _no_arguments()
+    quiet_transformers()  # before anything imports transformers
+    args = parse_args(argv)
     if args.list_configs:
         try:
             print(list_configs(), flush=True)
@@ -173,7 +309,16 @@ def main(argv: list[str] | None = None) -> int:
                               echo=lambda text: print(text, flush=True))
         if args.workdir:
             cfg.run.workdir = args.workdir
-        print("# resolved config\n" + config_lib.dump(cfg), flush=True)
+        workdir = None
+        if not args.plan:  # a work directory the run could not write is bad input, found before anything is read
+            from jaxalign.pipeline.workdir import check_writable, default_root
+            from jaxalign.storage import is_remote
+
+            root = default_root(cfg)
+            check_writable(root, "--workdir" if args.workdir else "run.workdir" if cfg.run.workdir else
+                           "the work directory (runs/<run.name>)")
+            workdir = root if is_remote(root) else os.path.abspath(root)
+        print(run_summary(cfg, str(config_lib.resolve_config_path(args.config)), workdir), flush=True)
         if args.plan:
             from jaxalign.plan import plan_recipe
 

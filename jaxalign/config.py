@@ -26,19 +26,19 @@ from jaxalign.train.optim import OptimConfig
 from jaxalign.train.run import PhaseSettings
 from jaxalign.train.steps import StepConfig
 from jaxalign.trl_recipes.names import trl_names
-from jaxalign.trl_recipes.recipe import map_recipe
+from jaxalign.trl_recipes.recipe import DONE as TRL_SET, map_recipe
 
 
 @dataclasses.dataclass
 class Run:
-    name: str = "run"
-    method: str = "irl"  # sft | irl | dil | dpo | reward | spin | afd
-    rounds: int = 2  # IRL / SPIN rounds
-    seed: int = 0
-    workdir: str = ""  # default runs/<name>
+    name: str = "run"  # names the run: the default work directory runs/<name>, tracker runs, the report
+    method: str = "irl"  # irl / spin: rounds of sample + train; dil / dpo / reward / afd: one round; sft: SFT only
+    rounds: int = 2  # IRL / SPIN rounds (>= 1; the one-round methods ignore it)
+    seed: int = 0  # seeds data order, initialisation and sampling (0 .. 2**31-1)
+    workdir: str = ""  # where the run writes (--workdir sets it); "" = runs/<run.name>
     demo_task: bool = False  # build the self-generated demo task (tokenizer, tiny model, data) into the workdir
     phases: str = ""  # a round's phase order, e.g. "sample,reward,policy,eval" (default: the method's)
-    show_progress: bool = True
+    show_progress: bool = True  # a progress bar per training phase
     trackers: str = "tensorboard"  # comma-separated: tensorboard, wandb ("" = metrics.jsonl only)
     logging_steps: int = 1  # trackers get every N-th train step and the last; metrics.jsonl gets every step
     wandb_project: str = ""  # wandb project (default "jaxalign"); run.name groups the run's phases
@@ -56,29 +56,29 @@ class Run:
 @dataclasses.dataclass
 class Model:
     path: str = ""  # hub id or local folder (config.json + safetensors)
-    tokenizer: str = ""  # default: the model path
+    tokenizer: str = ""  # hub id or local folder of the tokenizer ("" = model.path's)
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
-    param_dtype: str = "float32"  # master weights
-    remat: str = "none"  # none | full | dots
+    param_dtype: str = "float32"  # dtype the trained weights are kept (and saved) in
+    remat: str = "none"  # recompute activations in the backward pass: none | full | dots (keeps the matmul outputs)
     reward_path: str = ""  # optional separate backbone for the reward model (default: the SFT model)
     lora: Lora = dataclasses.field(default_factory=Lora)
 
 
 @dataclasses.dataclass
 class Mesh:
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # devices on the data-parallel axis; -1 = all the other axes leave (data x fsdp x tensor = devices)
+    fsdp: int = 1  # devices the parameters and optimizer state are sharded over (ZeRO-3 / FSDP); -1 = all remaining
+    tensor: int = 1  # devices each layer's matrices are split over (tensor parallelism); -1 = all remaining
 
 
 @dataclasses.dataclass
 class Dataset:
-    source: str = ""  # hub id or local json / jsonl / parquet
-    split: str = "train"
+    source: str = ""  # hub id, or a local .json / .jsonl / .parquet file, folder or glob ("" = none)
+    split: str = "train"  # split to read; a slice works too, e.g. "train[:1000]"
     name: str = ""  # hub config name
     data_dir: str = ""  # a folder inside the hub repository (Anthropic/hh-rlhf: harmless-base, helpful-base)
-    format: str = "auto"
-    limit: int = 0  # 0 = all rows
+    format: str = "auto"  # the rows' layout (jaxalign.data.formats); auto = detected from the column names
+    limit: int = 0  # read only the first N rows (0 = all rows)
 
 
 @dataclasses.dataclass
@@ -86,8 +86,8 @@ class Data:
     train: Dataset = dataclasses.field(default_factory=Dataset)  # demonstrations (or preference pairs for dil/dpo)
     eval_prompts: Dataset = dataclasses.field(default_factory=Dataset)  # prompts for per-round answers / gold metric
     eval_prefs: Dataset = dataclasses.field(default_factory=Dataset)  # held-out preference pairs for RM accuracy
-    max_length: int = 1024
-    max_prompt_length: int = 512
+    max_length: int = 1024  # tokens of prompt + response; a longer response is cut at its end
+    max_prompt_length: int = 512  # tokens of the prompt; a longer prompt keeps its end (< data.max_length)
     chat_template: str = ""  # a named fallback ("zephyr", "chatml") for tokenizers without one
     completion_end: str = "eos"  # "eos": responses end at EOS, as samples do; "template": + the glue after it (TRL 1.x)
     gold_metric: str = ""  # a scorer in jaxalign.tasks.SCORERS: demo | instructions ("" = none)
@@ -100,17 +100,17 @@ class Data:
 class Train:
     """Shared by the sft / reward / policy sections; each section builds its optimizer and loop settings."""
 
-    learning_rate: float = 1e-5
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8  # global batch (sequences or pairs)
-    accum_steps: int = 1
-    epochs: int = 1
-    max_steps: int = 0
-    save_every: int = 100
+    learning_rate: float = 1e-5  # peak learning rate (> 0), reached after the warmup
+    optimizer: str = "adamw"  # adamw (decoupled weight decay, betas 0.9 / 0.999) | rmsprop | sgd
+    schedule: str = "cosine"  # the learning rate after the warmup: decays to 0 (cosine, linear) or stays (constant)
+    warmup_ratio: float = 0.1  # fraction of the phase's optimizer steps spent warming up linearly from 0 (0 .. 1)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (norm scales and biases excluded)
+    max_grad_norm: float = 1.0  # clip the gradient's global norm to this (0 = no clipping)
+    batch_size: int = 8  # global batch per optimizer step (sequences or pairs), over all devices and accum_steps
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation); batch_size must divide by it
+    epochs: int = 1  # passes over the phase's data
+    max_steps: int = 0  # stop after this many optimizer steps (0 = as many as the epochs give)
+    save_every: int = 100  # optimizer steps between checkpoints (a preempted phase resumes from the last one)
 
     def optim(self) -> OptimConfig:
         return OptimConfig(name=self.optimizer, learning_rate=self.learning_rate, schedule=self.schedule,
@@ -137,8 +137,8 @@ class Sft(Train):
 
 @dataclasses.dataclass
 class Reward(Train):
-    margin: float = 0.0
-    center_coef: float = 0.0
+    margin: float = 0.0  # Bradley-Terry margin: the loss is -log sigmoid(r_chosen - r_rejected - margin)
+    center_coef: float = 0.0  # + center_coef x mean((r_chosen + r_rejected)^2) (TRL center_rewards_coefficient)
     loss: str = "bradley_terry"  # bradley_terry (pairs) | afd_discriminator (AfD: pointwise, positives vs negatives)
     reinit_each_round: bool = True  # the IRL authors re-initialise the RM from the SFT backbone every round
     accumulate_pairs: bool = True  # train round k's RM on the (demo, sample) pairs of rounds 1..k
@@ -150,8 +150,8 @@ class Reward(Train):
 
 @dataclasses.dataclass
 class Policy(Train):
-    objective: str = "dil_lsif"  # any name in jaxalign.losses.OBJECTIVES
-    beta: float = -1.0  # -1 = the objective's default
+    objective: str = "dil_lsif"  # the policy's loss (docs/losses.md; TRL loss_type=sigmoid is dpo)
+    beta: float = -1.0  # the objective's beta, the strength of the pull to the reference (TRL beta); -1 = its default
     reduce: str = ""  # "" = the objective's default (sum for dpo, mean for dil / simpo / ipo)
     # dpo / cdpo / robust: the assumed rate eps of flipped labels (TRL label_smoothing); -1 = the objective's default
     # (0 for dpo, 0.1 for cdpo / robust)
@@ -168,10 +168,11 @@ class Policy(Train):
     # best_of_n (RM-scored samples) | demo_vs_sample | dataset (given preference data) | ditto (demonstration >
     # this round's samples > earlier rounds' samples, every pair of that order: Shaikh et al. 2024)
     pairs: str = "best_of_n"
-    pair_rule: str = "max_min"  # a name in jaxalign.losses.PAIR_RULES
+    pair_rule: str = "max_min"  # the pair from N scored samples: max_min (best vs worst) | max_random (best vs another)
     reward: str = "rm"  # scores best-of-N samples and rollouts: rm (the round's) | gold (data.gold_metric: an oracle)
     num_samples: int = 4  # N for best_of_n / ditto; samples per prompt for rloo / grpo (TRL rloo_k, num_generations)
     # ---- on-policy kinds (rloo / grpo / ppo / online_dil); TRL's names where it has them ----
+
     # sequences per rollout batch (prompts x num_samples), a multiple of batch_size (the optimizer step's mini-batch);
     # 0 = batch_size. IRL authors' TL;DR PPO: 512 rollouts. Each rollout batch is one logged step.
     rollout_batch_size: int = 0
@@ -214,11 +215,11 @@ class Policy(Train):
 
 @dataclasses.dataclass
 class Sample:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    batch_size: int = 0  # 0 = planned from memory
+    max_new_tokens: int = 256  # tokens per sampled response at most
+    temperature: float = 0.7  # sampling temperature of the policy's samples (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability (1 = off)
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    batch_size: int = 0  # prompts decoded at once (0 = planned from memory)
     limit: int = 0  # prompts per round (0 = all training prompts)
     # The IRL reward model's rejected responses: one extra sample per prompt at this temperature (the IRL authors
     # sample near-greedily, 0.01); -1 = reuse the first of the policy samples (sample.temperature)
@@ -229,10 +230,10 @@ class Sample:
 
 @dataclasses.dataclass
 class Eval:
-    num_prompts: int = 64
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    table_rows: int = 4
+    num_prompts: int = 64  # prompts each eval phase answers (data.eval_prompts, else data.train)
+    max_new_tokens: int = 256  # tokens per answer at most
+    temperature: float = 0.0  # 0 = greedy answers
+    table_rows: int = 4  # example answers shown side by side in report.md
     best_of_n: int = 0  # >0: also answer with the best of N samples (sample.temperature) ranked by the round's RM
     # held-out metrics while training (TRL's eval_loss, eval_rewards/accuracies, ...): pair phases on data.eval_prefs,
     # SFT on the demonstrations of data.eval_prompts, every eval_steps steps and at the end (0 = at the end only)
@@ -247,14 +248,14 @@ class Export:
     dtype: str = ""  # "" = model.param_dtype; else a cast copy in phases/<phase>/export (float32 | bfloat16 | float16)
     push_to_hub: bool = False  # upload each phase's model to the Hugging Face hub
     hub_id: str = "{user}/{run}-{phase}"  # repository name template
-    hub_private: bool = True
+    hub_private: bool = True  # create the hub repositories as private
 
 
 @dataclasses.dataclass
 class Reliability:
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient norm is not finite, else stop
     keep_checkpoints: int = 2  # orbax checkpoints a running phase keeps
-    async_checkpointing: bool = True
+    async_checkpointing: bool = True  # write checkpoints in the background while training goes on
     # a finished phase deletes its training checkpoints (later phases read its exported model): a 7B phase's
     # checkpoint is ~81 GiB; true keeps them
     keep_finished_checkpoints: bool = False
@@ -293,10 +294,19 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys() + list(trl_names()), n=3, cutoff=0.5)
+    """An unknown key: the five closest names (ours and the TRL names the recipe map knows) and where to look."""
+    scored = []
+    matcher = difflib.SequenceMatcher(b=key)
+    for name in valid_keys() + list(trl_names()):
+        matcher.set_seq1(name)
+        scored.append((matcher.ratio(), name))
+    scored.sort(key=lambda x: -x[0])
+    best = scored[0][0] if scored else 0.0
+    # at most five, and only those nearly as close as the closest (policy.learnig_rate: not policy.warmup_ratio)
+    close = [name for score, name in scored[:5] if score >= max(0.6, best - 0.25)]
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"{where}: unknown config key {key!r}.{hint} Valid keys: {', '.join(valid_keys())}; and the "
-                       f"TRL / alignment-handbook names of docs/trl_users.md.")
+    return ConfigError(f"{where}: unknown config key {key!r}.{hint} `jaxalign --help` lists every key with its type, "
+                       f"default and meaning; TRL / alignment-handbook names are mapped as docs/trl_users.md shows.")
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -323,7 +333,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     return value
 
 
-def _build(cls, raw: dict[str, Any], prefix: str, where: str):
+def _build(cls, raw: dict[str, Any], prefix: str, where: str, origins: dict[str, str] | None = None):
+    """The dataclass tree from the raw mapping; a value of the wrong type is reported with where that key was set
+    (``origins``: dotted key -> the YAML file or the command line), else with ``where``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: section {prefix.rstrip('.') or '(top)'} must be a mapping, got {raw!r}.")
     fields = _fields(cls)
@@ -333,10 +345,21 @@ def _build(cls, raw: dict[str, Any], prefix: str, where: str):
             raise _unknown(prefix + key, where)
         tp = fields[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", where)
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", (origins or {}).get(prefix + key, where),
+                                 origins)
         else:
-            kwargs[key] = _coerce(value, tp, prefix + key, where)
+            kwargs[key] = _coerce(value, tp, prefix + key, (origins or {}).get(prefix + key, where))
     return cls(**kwargs)
+
+
+def _dotted(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping (sections and their keys)."""
+    out = []
+    for key, value in raw.items():
+        out.append(prefix + str(key))
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+    return out
 
 
 def _set(raw: dict, dotted: str, value: Any, where: str, text: str | None = None) -> None:
@@ -371,19 +394,40 @@ def load(name: str, overrides: list[str] | tuple[str, ...] = (), *, trainer: str
     names the TRL trainer where the recipe's path and keys do not."""
     path = resolve_config_path(name)
     raw = read_recipe(path)
-    items = [parse_override(item) for item in overrides]
+    typed = items = [parse_override(item) for item in overrides]
     trl = map_recipe(raw, items, path=path, trainer=trainer, sections=tuple(_fields(Config)))
     if trl is not None:
         raw, items = trl.sections, trl.ours
+    # where each key's value comes from, for the messages about a bad value: the file, the TRL map, the command line
+    origins = {key: str(path) for key in _dotted(raw)}
+    if trl is not None:
+        trl_typed = {key for key, _, _ in typed} - {key for key, _, _ in items}  # TRL names on the command line
+        for row in trl.rows:
+            if row.our_key and row.status in TRL_SET:
+                origins[row.our_key] = (f"TRL's default for {row.trl_key}, which {path} leaves out"
+                                        if row.status == "default" else f"command line, as TRL's {row.trl_key}"
+                                        if row.trl_key in trl_typed else f"{path}, as TRL's {row.trl_key}")
         for key, value in trl.assignments():
-            _set(raw, key, value, f"{path} (TRL name map)")
+            _set(raw, key, value, origins.get(key, f"{path} (TRL name map)"))
         if echo is not None:
             echo(trl.table())
         trl.check()
     for key, value, text in items:
         _set(raw, key, value, "command line", text)
-    cfg = _build(Config, raw, "", str(path))
-    validate(cfg, where=str(path) + (" + command line" if overrides else ""))
+        origins[key] = "command line"
+    cfg = _build(Config, raw, "", str(path), origins)
+    known = set(valid_keys())
+
+    def origin(key: str) -> str | None:
+        """How a value problem says where the key was set (None: not a single key)."""
+        label = origins.get(key)
+        if label is None:
+            return "the default" if key in known else None
+        if label.startswith("TRL's default"):
+            return label
+        return f"from the {label}" if label.startswith("command line") else f"from {label}"
+
+    validate(cfg, where=str(path) + (" + command line" if overrides else ""), origin=origin)
     return cfg
 
 

@@ -6,12 +6,13 @@ loaded or compiled — so a run that cannot work fails in a second with every pr
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from jaxalign.data.formats import FORMATS
 from jaxalign.losses import OBJECTIVES, PAIR_RULES
 from jaxalign.metrics import TrackerError, check_trackers
-from jaxalign.models.lora import TARGETS as LORA_TARGETS
+from jaxalign.models.config import ModelConfigError
+from jaxalign.models.lora import TARGETS as LORA_TARGETS, peft_adapter_settings
 # the method -> phases table and the policy kinds are the run's rules, re-exported here for the schema
 from jaxalign.rules import (DEFAULT_ROUND, GIVEN_PAIRS_METHODS, METHODS, ONE_ROUND_METHODS,  # noqa: F401
                             ONLINE_ROUND, POLICY_KINDS, REWARD_KINDS, batch_split_problem, rollout_samples_per_prompt)
@@ -41,20 +42,24 @@ CHOICES = {
     "policy.kind": POLICY_KINDS,
     "policy.reward": ("rm", "gold"),
     "policy.length_norm": ("sequence", "token", "constant"),
+    "reward.loss": ("bradley_terry", "afd_discriminator"),
+    "export.dtype": ("",) + DTYPES,
     "optimizer": ("adamw", "rmsprop", "sgd"),  # sft / reward / policy
     "schedule": ("cosine", "linear", "constant"),
 }
 
 
-def validate(cfg, where: str = "config") -> None:
+def validate(cfg, where: str = "config", origin: Callable[[str], str | None] | None = None) -> None:
     """Check every value and the combinations that would otherwise fail mid-run (after hours of compute), before
     anything is loaded or compiled; raises ConfigError naming the key, the value and what is allowed. The phase order
-    is checked here too; paths, datasets and the mesh when the run is prepared."""
+    is checked here too; paths, datasets and the mesh when the run is prepared. ``origin(key)`` says where a key's
+    value was set ("from the command line", "from <file>", "the default"), added to its problem."""
     problems: list[str] = []
 
     def need(ok: bool, key: str, value: Any, what: str) -> None:
         if not ok:
-            problems.append(f"{key}={value!r}: {what}")
+            source = origin(key) if origin is not None else None
+            problems.append(f"{key}={value!r}: {what}" + (f" ({source})" if source else ""))
 
     def choice(key: str, value: Any, allowed) -> None:
         need(value in allowed, key, value, f"choose one of {', '.join(repr(a) for a in allowed)}")
@@ -109,7 +114,6 @@ def validate(cfg, where: str = "config") -> None:
     _check_lora(cfg, need, number)
     number("reward.margin", cfg.reward.margin)
     number("reward.center_coef", cfg.reward.center_coef, low=0.0)
-    choice("reward.loss", cfg.reward.loss, ("bradley_terry", "afd_discriminator"))
     p = cfg.policy
     need(p.beta == -1 or (math.isfinite(p.beta) and p.beta > 0), "policy.beta", p.beta,
          "must be > 0, or -1 for the objective's default")
@@ -160,7 +164,6 @@ def validate(cfg, where: str = "config") -> None:
     number("reliability.keep_checkpoints", cfg.reliability.keep_checkpoints, low=1)
     number("run.logging_steps", cfg.run.logging_steps, low=1)
     number("data.num_proc", cfg.data.num_proc, low=1)
-    choice("export.dtype", cfg.export.dtype, ("",) + DTYPES)
     try:
         check_trackers(cfg.run.trackers)
     except TrackerError as e:
@@ -172,7 +175,8 @@ def validate(cfg, where: str = "config") -> None:
 
 
 def _check_lora(cfg, need, number) -> None:
-    """model.lora: the adapters' settings; with rank > 0, the phases that train adapters."""
+    """model.lora: the adapters' settings; with rank > 0, the phases that train adapters; an init_adapter folder
+    whose adapter_config.json declares the same rank, alpha and targets."""
     lo = cfg.model.lora
     need(isinstance(lo.rank, int) and lo.rank >= 0, "model.lora.rank", lo.rank,
          "the adapter rank must be an integer >= 0 (0 = LoRA off, full fine-tuning; 8-64 is usual)")
@@ -185,6 +189,20 @@ def _check_lora(cfg, need, number) -> None:
          f"{unknown or 'none'}; a target the model lacks, e.g. gate on GPT-NeoX, is skipped)")
     need(lo.base_dtype in ("",) + DTYPES, "model.lora.base_dtype", lo.base_dtype,
          f"the frozen base's dtype: '' (= model.param_dtype) or one of {', '.join(DTYPES)}")
+    if lo.init_adapter:
+        try:
+            r, alpha, targets = peft_adapter_settings(lo.init_adapter)
+        except ModelConfigError as e:
+            need(False, "model.lora.init_adapter", lo.init_adapter,
+                 f"not a usable PEFT LoRA adapter folder: {str(e).rstrip('.')}")
+            return
+        # the adapters are loaded as they are: a different shape or scale would not be the adapter that was saved
+        same = (r == lo.rank and math.isclose(alpha, lo.alpha, rel_tol=1e-6)
+                and set(targets) == set(lo.targets))
+        need(same, "model.lora.init_adapter", lo.init_adapter,
+             f"the adapter has r={r}, alpha={alpha:g} and targets {','.join(targets)} (adapter_config.json) but "
+             f"model.lora has rank={lo.rank}, alpha={lo.alpha:g} and targets {','.join(map(str, lo.targets))}: set "
+             f"model.lora.rank, alpha and targets to the adapter's")
 
 
 def _check_objective_options(p, need) -> None:

@@ -286,11 +286,39 @@ def test_round_hours_are_the_formula_written_out():
     assert est.roofline_step == pytest.approx((2 * n_matmul + kv) / 819e9 / 0.30)
 
 
-def test_largest_batch_is_the_boundary():
-    from jaxalign.plan.hours import largest_batch
+def _tiny_model():
+    """A one-layer random-init Llama config for the sampler tests (64-token vocabulary)."""
+    from jaxalign.models import ModelConfig
 
-    assert largest_batch(lambda b: b <= 37, 4, 1000) == 36
-    assert largest_batch(lambda b: b <= 37, 4, 20) == 20 and largest_batch(lambda b: False, 4, 20) == 0
+    return ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128, sliding_windows=(None,),
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def test_planned_decode_batch_is_the_boundary():
+    """Without sample.batch_size the plan's decode batch is the largest multiple of the batch shards whose sampling
+    bytes fit the budget, no more than the round's prompts rounded up to the shards, and one prompt per shard (the row
+    then says it does not fit) when none fits; the largest batch in the repeated layout is searched alike."""
+    from jaxalign import sharding
+    from jaxalign.config import load
+    from jaxalign.plan.sampling import decode_batch, sampler_shape
+    from jaxalign.sampling import sampling_bytes_per_device
+
+    tiny, mesh = _tiny_model(), sharding.make_mesh(-1, 1, 1, devices=jax.devices()[:4])
+    cfg = load("demo_cpu", ["sample.limit=37"])
+    shape = sampler_shape(cfg, "sample")
+
+    def need(b, shared_prefix=None):
+        return sampling_bytes_per_device(tiny, prompts_per_batch=b, num_samples=shape.samples, mesh=mesh,
+                                         prompt_len=shape.prompt_len, cache_len=shape.cache_len,
+                                         shared_prefix=shared_prefix)["total"]
+
+    planned = "planned: largest that fits"
+    assert decode_batch(cfg, tiny, shape, mesh, need(16))[:3] == (16, planned, 16)
+    assert decode_batch(cfg, tiny, shape, mesh, need(16) - 1)[:3] == (12, planned, 12)
+    assert decode_batch(cfg, tiny, shape, mesh, need(12, shared_prefix=False))[3] == 12
+    assert decode_batch(cfg, tiny, shape, mesh, need(10**4))[:3] == (40, planned, 40)  # 37 prompts, 4 shards
+    assert decode_batch(cfg, tiny, shape, mesh, need(4) - 1) == (4, planned, 0, 0)
 
 
 @pytest.mark.slow
@@ -322,3 +350,276 @@ def test_planned_decode_batch_is_the_largest_that_fits(tmp_path):
     assert sampling_bytes_per_device(mcfg, prompts_per_batch=i["batch"] + 4, **size)["total"] > budget
     assert 0 < i["unshared_batch"] < i["batch"]  # the prompt's KV stored once leaves room for more prompts
     assert "tokens/s (slice)" in printed[1] and "HBM roofline" in printed[1]
+
+
+# ---- fast: --plan plans the batches the run uses -----------------------------------------------------------------
+#
+# For every recipe in configs/ and every policy.kind its method accepts, the numbers `--plan v5p:2x2x1` plans with
+# (jaxalign.plan: sampler_shape / decode_batch, train_inputs, onpolicy_inputs; nothing compiled, the weights abstract)
+# against what the run's own code computes for the same config (jaxalign.pipeline: prompts_of_round, plan_rollouts,
+# Rollouts, step_config; a section's PhaseSettings and StepConfig as train_phase / train_onpolicy get them) on a
+# RunContext holding only what those functions read. What only a real run computes — the samples per prompt the
+# sample phase passes to the sampler (sample.run: rules.candidates_per_prompt) and the decode batch the sampler picks
+# (generate_from_params) — is compared with the rule the run calls, and that sampler's pick with the plan's on a tiny
+# random model below.
+
+PLAN_TOPOLOGY = "v5p:2x2x1"  # 4 chips: mesh fsdp 4 for the recipes' fsdp=-1, data 4 for data=-1
+RECIPE_KINDS_CHECKED = 29  # recipe x policy.kind combinations that load (the on-policy kinds need an IRL / SPIN round)
+RECIPE_KINDS_REFUSED = 26  # ... that config validation refuses (and --plan with them too)
+STAND_IN_MODELS = 12  # combinations whose model has no config.json the planner can find (demo task, SmolLM2, runs/)
+
+
+def _plan_slice():
+    """The slice --plan compiles for: libtpu's topology when installed, else 4 CPU devices standing in for the chips
+    (the numbers compared here do not depend on the compiler)."""
+    from jaxalign.plan.tpu import CHIPS, Slice
+
+    if HAS_LIBTPU:
+        return plan_lib.get_slice(PLAN_TOPOLOGY)
+    return Slice(PLAN_TOPOLOGY, jax.devices()[:4], CHIPS["tpu v5"], 459e12, (2, 2, 1))
+
+
+def _run_context(cfg, mesh, mcfg, demonstrations: int):
+    """A RunContext with ``demonstrations`` rows whose prompts fill data.max_prompt_length (the longest the encoder
+    keeps): all that prompts_of_round / plan_rollouts / step_config / Rollouts read."""
+    from jaxalign.data.loader import length_buckets
+    from jaxalign.data.tokenize import EncodedRecord, EncodedSequence
+    from jaxalign.pipeline.context import RunContext
+    from jaxalign.pipeline.phases import plan
+
+    prompt = np.full(cfg.data.max_prompt_length, 5, np.int32)
+    answer = EncodedSequence(np.full(cfg.data.max_length, 5, np.int32), np.ones(cfg.data.max_length, bool))
+    rows = [EncodedRecord(i, str(i), prompt, chosen=answer) for i in range(demonstrations)]
+    return RunContext(cfg=cfg, workdir=None, phases=plan(cfg), mesh=mesh, model_cfg=mcfg, tokenizer=None,
+                      encoder=None, train=rows, eval_records=[], eval_prefs=[],
+                      buckets=length_buckets(cfg.data.max_length, min_length=min(64, cfg.data.max_length)),
+                      heldout_pairs=[], heldout_sft=[], lora=cfg.model.lora.build())
+
+
+def _sampler_pick(batch_size: int, prompts: int, longest: int, n: int, scfg, max_new: int, mesh, budget: int) -> int:
+    """The prompts per batch generate_from_params picks for ``prompts`` prompts (the longest of ``longest`` tokens)
+    before it compiles anything, on an accelerator (no row cap): from ``sample.batch_size`` (draw passes
+    ``batch_size or None``), or plan_batch_size for the budget. Checked against generate_from_params itself in
+    test_the_samplers_own_decode_batch_is_the_planned_one."""
+    from jaxalign.sampling.memory import plan_batch_size
+    from jaxalign.sampling.sampler import bucket_length
+    from jaxalign.sharding import batch_shards
+
+    shards = batch_shards(mesh)
+    if batch_size:
+        return math.ceil(min(batch_size, prompts) / shards) * shards
+    p_len = bucket_length(longest, what="prompt")
+    return plan_batch_size(scfg, num_prompts=prompts, prompt_len=p_len,
+                           cache_len=p_len + bucket_length(max_new, what="length"), num_samples=n,
+                           budget_bytes=budget, mesh=mesh, cache_dtype=jnp.dtype(scfg.dtype), max_rows=prompts * n)
+
+
+def _check_sampling(cfg, name, mesh, mcfg, budget, ctx, problems: list) -> None:
+    import dataclasses
+
+    from jaxalign.pipeline.sample import prompts_of_round
+    from jaxalign.plan.sampling import decode_batch, sampler_shape
+    from jaxalign.rules import candidates_per_prompt
+
+    shape = sampler_shape(cfg, "sample")
+    rows = prompts_of_round(ctx, 1)
+    prompts, longest = len(rows), max(len(e.prompt_ids) for e in rows)
+    for k in range(2, cfg.run.num_rounds() + 1):  # a later round answers as many (the next window of them)
+        if len(prompts_of_round(ctx, k)) != prompts:
+            problems.append(f"{name}: round {k} answers {len(prompts_of_round(ctx, k))} prompts, round 1 {prompts}")
+    n = candidates_per_prompt(cfg)  # what sample.run passes to the sampler as num_samples
+    if (shape.prompts, shape.samples) != (prompts, n):
+        problems.append(f"{name}: sample phase planned {shape.prompts} prompts x {shape.samples}, the run draws "
+                        f"{prompts} x {n}")
+    scfg = mcfg.replace(remat="none")
+    for fixed in (0, 6, prompts + 5):  # planned; fixed, not a multiple of the 4 shards; more than the prompts
+        c = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, batch_size=fixed))
+        planned, how, _, _ = decode_batch(c, scfg, sampler_shape(c, "sample"), mesh, budget)
+        run = _sampler_pick(fixed, prompts, longest, n, scfg, c.sample.max_new_tokens, mesh, budget)
+        if planned != run or (how == "sample.batch_size") != bool(fixed):
+            problems.append(f"{name}: sample.batch_size={fixed}: planned decode batch {planned} ({how}), the run's "
+                            f"sampler picks {run}")
+
+
+def _check_training(cfg, name, kind, mesh, mcfg, ctx, problems: list) -> None:
+    from jaxalign.pipeline import onpolicy
+    from jaxalign.pipeline.phases import Phase
+    from jaxalign.pipeline.sample import prompts_of_round
+    from jaxalign.plan.onpolicy import REWARD_KINDS, onpolicy_inputs
+    from jaxalign.plan.phases import train_inputs
+
+    section = getattr(cfg, kind)
+    on_policy = kind == "policy" and cfg.policy.kind != "pairs"
+    planned = (onpolicy_inputs(cfg, mcfg, mesh) if on_policy and cfg.policy.kind in REWARD_KINDS
+               else train_inputs(kind, cfg, mcfg, mesh))
+    # the run: train_phase / onpolicy.run give train() / train_onpolicy() the section's PhaseSettings (the global
+    # batch, an on-policy mini-batch) and the step config whose accum_steps splits it
+    settings = section.settings(seed=0, run=cfg.run, reliability=cfg.reliability)
+    if not on_policy:
+        step = section.step()
+    else:
+        step = onpolicy.step_config(ctx, base_is_reference=ctx.lora is not None, seed=0)
+    micro = settings.global_batch_size // step.accum_steps  # as train() sizes its held-out batches
+    got = (planned.global_batch, planned.step_cfg.accum_steps, planned.micro_batch, planned.step_cfg.kind)
+    want = (settings.global_batch_size, step.accum_steps, micro, step.kind)
+    if got != want:
+        problems.append(f"{name}: {kind}: planned (batch, accum_steps, micro-batch, step) {got}, the run {want}")
+    if not on_policy:
+        return
+    if planned.step_cfg.onpolicy != step.onpolicy:
+        problems.append(f"{name}: {kind}: planned on-policy settings {planned.step_cfg.onpolicy}, the run's "
+                        f"{step.onpolicy}")
+    if step.kind == "policy" and planned.step_cfg.reference_logps != step.reference_logps:
+        problems.append(f"{name}: online_dil: planned reference {planned.step_cfg.reference_logps}, the run's "
+                        f"{step.reference_logps}")
+    rows = prompts_of_round(ctx, 1)
+    per, _, _ = onpolicy.plan_rollouts(ctx, len(rows))
+    rollouts = onpolicy.Rollouts(ctx, Phase("r1/policy", "policy", 1), rows, per=per, per_epoch=1, seed=0,
+                                  ref=None, frozen=None, reward_fn=lambda rs, responses: np.zeros(len(rs)))
+    if planned.rollout != (rollouts.per, rollouts.n):
+        problems.append(f"{name}: {cfg.policy.kind}: planned rollout batch {planned.rollout} (prompts, samples), the "
+                        f"run draws {rollouts.per} x {rollouts.n}")
+
+
+def test_plan_uses_the_runs_batches_for_every_recipe_and_policy_kind(tmp_path):
+    """Each recipe x policy.kind that loads, on the v5p:2x2x1 mesh: the sample phase's prompts per round (every round)
+    and samples per prompt, its decode batch (planned from the budget; sample.batch_size 6; more than the prompts);
+    each train phase's global batch, accum_steps, micro-batch and step kind; an on-policy phase's step settings
+    (online_dil: its reference) and rollout batch (prompts x samples). Every mismatch is listed; the counts of
+    combinations checked and refused are pinned, so the test cannot pass by checking nothing."""
+    from jaxalign.config import CONFIG_DIR, ConfigError, load
+    from jaxalign.plan import phases_to_plan
+    from jaxalign.plan.sampling import UNKNOWN_PROMPTS, sampler_budget
+    from jaxalign.rules import POLICY_KINDS
+
+    stand_in = tmp_path / "stand_in"  # a small Llama shape for a model the planner has no config.json for
+    stand_in.mkdir()
+    (stand_in / "config.json").write_text(json.dumps(TINY))
+    sl = _plan_slice()
+    models: dict[str, object] = {}
+    budgets: dict[tuple, int] = {}  # the sampler's budget per model and mesh (HBM less both copies of the weights)
+    checked, refused, stand_ins, problems = [], [], 0, []
+    for name in sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")):
+        for kind in POLICY_KINDS:
+            try:
+                cfg = load(name, [f"policy.kind={kind}"])
+            except ConfigError:
+                refused.append((name, kind))
+                continue
+            checked.append((name, kind))
+            try:
+                in_models = plan_lib.resolve_model_file(cfg.model.path).parent == plan_lib.MODELS_DIR
+            except plan_lib.PlanError:
+                in_models = False
+            if not in_models:  # the demo task's model, SmolLM2, a local runs/ folder: plan the stand-in's shapes
+                cfg.model.path, stand_ins = str(stand_in), stand_ins + 1
+            if cfg.model.path not in models:
+                models[cfg.model.path] = plan_lib.model_config(cfg)
+            mcfg, mesh = models[cfg.model.path], plan_lib.make_mesh(cfg, sl)
+            phases = phases_to_plan(cfg)
+            ctx = None
+            if "sample" in phases or kind != "pairs":
+                # the demonstrations the run reads: data.train.limit of them, else a dataset larger than
+                # sample.limit, else (the config bounds nothing) the dataset size the plan assumes
+                available = cfg.data.train.limit or 2 * cfg.sample.limit or UNKNOWN_PROMPTS
+                ctx = _run_context(cfg, mesh, mcfg, available)
+            if "sample" in phases:
+                key = (cfg.model.path, tuple(mesh.shape.items()))
+                if key not in budgets:
+                    budgets[key] = sampler_budget(mcfg, mesh, sl)
+                _check_sampling(cfg, name, mesh, mcfg, budgets[key], ctx, problems)
+            for phase in ("sft", "reward", "policy"):
+                if phase in phases:
+                    _check_training(cfg, name, phase, mesh, mcfg, ctx, problems)
+    assert problems == []
+    assert (len(checked), len(refused), stand_ins) == (RECIPE_KINDS_CHECKED, RECIPE_KINDS_REFUSED, STAND_IN_MODELS)
+    assert {k for _, k in checked} == set(POLICY_KINDS)  # every kind is checked with some recipe
+
+
+def test_online_dil_plans_the_reference_the_run_holds():
+    """policy.precompute_reference is for the pair kind: online_dil draws its pairs afresh every rollout and holds the
+    reference (in the step, or the LoRA base), so its plan does too (jaxalign.rules.policy_reference), as
+    pipeline.onpolicy.step_config builds the run's step."""
+    from jaxalign.config import load
+    from jaxalign.pipeline.onpolicy import step_config
+    from jaxalign.plan.phases import train_inputs
+
+    sl = _plan_slice()
+    mcfg = plan_lib.model_config(load("tldr_irl"))
+    for name in ("tldr_irl", "instructions_irl"):  # full fine-tuning, LoRA
+        for precompute in ("false", "true"):
+            cfg = load(name, ["policy.kind=online_dil", f"policy.precompute_reference={precompute}"])
+            mesh = plan_lib.make_mesh(cfg, sl)
+            planned = train_inputs("policy", cfg, mcfg, mesh).step_cfg
+            run = step_config(_run_context(cfg, mesh, mcfg, 8), base_is_reference=cfg.model.lora.rank > 0, seed=0)
+            assert planned.reference_logps == run.reference_logps == ("base" if cfg.model.lora.rank else "in_step")
+            assert (planned.kind, planned.accum_steps, planned.objective) == (run.kind, run.accum_steps, run.objective)
+
+
+def test_the_samplers_own_decode_batch_is_the_planned_one():
+    """The run's sampler (pipeline.sample.draw -> generate_from_params) on a tiny random model over 2 CPU devices
+    picks the decode batch the plan's decode_batch gives for the same recipe: sample.batch_size=5 for a round of 3
+    prompts is 4 (no more than the prompts, rounded up to the 2 batch shards; the plan once said 6), and without
+    it the largest batch the budget fits (4 of a round's 7 prompts), as on an accelerator (no row cap). One compiled
+    shape for both: a few seconds."""
+    from jaxalign import sharding
+    from jaxalign.config import load
+    from jaxalign.models.decoder import param_shapes
+    from jaxalign.pipeline.sample import draw, prompts_of_round
+    from jaxalign.plan.sampling import decode_batch, sampler_shape
+    from jaxalign.rules import candidates_per_prompt
+    from jaxalign.sampling import generate_from_params, sampling_bytes_per_device
+
+    tiny = _tiny_model()
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(0, 0.5, s).astype(np.float32) for k, s in param_shapes(tiny).items()}
+    mesh = sharding.make_mesh(-1, 1, 1, devices=jax.devices()[:2])
+
+    cfg = load("demo_cpu", ["sample.limit=3", "sample.batch_size=5", "run.show_progress=false"])
+    ctx = _run_context(cfg, mesh, tiny, 50)
+    prompts = [e.prompt_ids.tolist() for e in prompts_of_round(ctx, 1)]
+    shape = sampler_shape(cfg, "sample")
+    assert (shape.prompts, shape.samples) == (len(prompts), candidates_per_prompt(cfg)) == (3, 4)
+    planned, how, _, _ = decode_batch(cfg, tiny, shape, mesh, budget=2**30)
+    res = draw(ctx, params, prompts, num_samples=shape.samples, temperature=cfg.sample.temperature,
+               max_new_tokens=cfg.sample.max_new_tokens, seed=0)
+    assert (how, planned) == ("sample.batch_size", res.stats.prompts_per_batch) and planned == 4
+
+    cfg = load("demo_cpu", ["sample.limit=7", "run.show_progress=false"])
+    ctx = _run_context(cfg, mesh, tiny, 50)
+    prompts = [e.prompt_ids.tolist() for e in prompts_of_round(ctx, 1)]
+    shape = sampler_shape(cfg, "sample")
+    assert shape.prompts == len(prompts) == 7
+    budget = sampling_bytes_per_device(tiny, prompts_per_batch=4, num_samples=shape.samples,
+                                       prompt_len=shape.prompt_len, cache_len=shape.cache_len, mesh=mesh)["total"]
+    planned, how, largest, _ = decode_batch(cfg, tiny, shape, mesh, budget)
+    s = cfg.sample
+    res = generate_from_params(params, tiny, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                               top_p=s.top_p, top_k=s.top_k, num_samples=shape.samples, mesh=mesh,
+                               memory_budget_bytes=budget, max_rows=len(prompts) * shape.samples,
+                               show_progress=False)
+    assert how.startswith("planned") and planned == largest == 4
+    assert (res.stats.shrunk_from or res.stats.prompts_per_batch) == planned  # its pick before any compiled check
+    assert _sampler_pick(0, len(prompts), max(map(len, prompts)), shape.samples, tiny, s.max_new_tokens, mesh,
+                         budget) == planned
+    assert _sampler_pick(5, 3, 24, shape.samples, tiny, s.max_new_tokens, mesh, budget) == 4
+
+
+def test_a_planned_decode_batch_shrinks_as_often_as_the_samplers():
+    """generate_from_params checks a planned batch by what XLA compiled up to 3 times, shrinking it
+    (sampling.memory.shrunk_batch) after each failed check, and runs the batch after the last shrink. The plan's
+    settle_batch compiles that batch too (it once stopped a shrink short): with compiled bytes of 50 + B against 90
+    usable, 64 -> 50 -> 45 -> 42 (the run's batch, still over: the row says so); a fixed batch is never shrunk."""
+    from jaxalign.plan.sampling import SHRINKS, settle_batch
+
+    compiled = []
+
+    def compile_at(B, how):
+        compiled.append(B)
+        return [plan_lib.PhaseRow("sample: decode", how, total=50.0 + B, hbm=100.0)]
+
+    rows = settle_batch(64, "planned: largest that fits", compile_at, fixed=False, largest=64, shards=1)
+    assert SHRINKS == 3 and compiled == [64, 50, 45, 42] and rows[0].total == 92 and "shrunk" in rows[0].detail
+    compiled.clear()
+    settle_batch(64, "sample.batch_size", compile_at, fixed=True, largest=64, shards=1)
+    assert compiled == [64]

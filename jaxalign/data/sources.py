@@ -8,8 +8,9 @@ Contract:
   A folder's splits follow ``datasets``' file naming (``train*.jsonl``, ``test-00001.parquet``; otherwise all
   ``"train"``); other local files without a mapping form the split ``"train"``. ``split`` may carry a slice, e.g.
   ``"train[:100]"``.
-- Failures are one-paragraph ``DataError``s: a missing local file names the path; a nonexistent split lists the splits
-  that exist; an unreachable hub dataset says so (hub ids cannot be fetched offline).
+- Failures are one-paragraph ``DataError``s: a missing or empty local file names the path, and so does one that
+  cannot be parsed; a nonexistent split lists the splits that exist; an unreachable hub dataset says so (hub ids
+  cannot be fetched offline).
 - ``load_records`` = ``load_table`` + ``formats.normalize_rows``: it returns the records and the ``DataReport`` that
   counts every skipped row. With a ``limit`` a hub split is streamed (``stream_rows``: ``load_dataset(...,
   streaming=True)`` + ``take``), so a smoke run on a large dataset fetches only its first rows.
@@ -99,6 +100,18 @@ def _unknown_split(split: str, available: Sequence[str], where: str) -> DataErro
     )
 
 
+def _is_empty(path: str) -> bool:
+    """A file with no bytes, or (uncompressed json / jsonl) nothing but whitespace: 0 rows, which ``datasets`` fails
+    on with an error that names neither the file nor the problem."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return True
+    if size > 1 << 16 or path.lower().endswith(_COMPRESSED) or _builder(path) != "json":
+        return False
+    with open(path, "rb") as f:
+        return not f.read().strip()
+
+
 def _local_builder(source, split: str) -> tuple[str, dict[str, list[str]]]:
     """(``datasets`` builder name, data files by split) for local data, checked."""
     files = _local_files(source)
@@ -108,7 +121,29 @@ def _local_builder(source, split: str) -> tuple[str, dict[str, list[str]]]:
     if None in builders or len(builders) != 1:
         found = sorted(f for fs in files.values() for f in fs)
         raise DataError(f"Local data must be all .json/.jsonl or all .parquet files; got {found}.")
+    empty = [f for f in files[_split_name(split)] if _is_empty(f)]
+    if empty:
+        raise DataError(f"The data file {empty[0]!r} is empty (0 rows)" + (f", and so are {len(empty) - 1} more of "
+                        f"split {split!r}" if len(empty) > 1 else "") + ": give a file with at least one row.")
     return builders.pop(), files
+
+
+def _load_local(builder: str, files: dict[str, list[str]], split: str, **kw):
+    """``datasets.load_dataset`` on local files; a file it cannot parse (or a split with no rows) is a DataError
+    naming the files, not a traceback from inside ``datasets``."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, split=split, **kw)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__ or err
+        raise DataError(f"Could not read {', '.join(files.get(_split_name(split), []))} as {builder} "
+                        f"({type(cause).__name__}: {str(cause).strip()}).") from None
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise DataError(f"The local data {', '.join(files.get(_split_name(split), []))} holds no rows for split "
+                        f"{split!r}.") from None
 
 
 def stream_rows(source, *, split: str = "train", name: str | None = None, limit: int | None = None,
@@ -119,7 +154,7 @@ def stream_rows(source, *, split: str = "train", name: str | None = None, limit:
 
     if _looks_local(source):
         builder, files = _local_builder(source, split)
-        table = datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
+        table = _load_local(builder, files, split, streaming=True)
     else:
         table = datasets.load_dataset(source, name, split=split, streaming=True, data_dir=data_dir or None)
     return iter(table if limit is None else table.take(limit))
@@ -139,7 +174,7 @@ def load_table(
 
     if _looks_local(source):
         builder, files = _local_builder(source, split)
-        return datasets.load_dataset(builder, data_files=files, split=split, cache_dir=cache_dir)
+        return _load_local(builder, files, split, cache_dir=cache_dir)
     try:
         return datasets.load_dataset(source, name, split=split, cache_dir=cache_dir, data_dir=data_dir or None)
     except ValueError as err:

@@ -85,6 +85,13 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     """Everything that can be wrong with the inputs is found here (ConfigError / DataError / ModelConfigError), before
     anything compiles; writes ``run.yaml`` once it all checks out."""
     workdir.check_owner(cfg, force=force)
+    # the mesh and batch checks need no model and no data: refuse them before anything (demo assets, the
+    # tokenisation cache) is written
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise ConfigError(f"{e} (jax platform: {jax.devices()[0].platform})") from None
+    _check_batches(cfg, phases, mesh)
     if cfg.run.demo_task:
         # the assets are a deterministic function of the seed, and the tokenizer / data readers want local files: a
         # bucket work directory gets them built in each host's local cache instead (rebuilt identically anywhere)
@@ -112,12 +119,6 @@ def build_context(cfg: Config, workdir: WorkDir, phases: list[Phase], *, force: 
     if model_cfg.vocab_size < len(tokenizer):
         raise ConfigError(f"{workdir.base_model}: vocab_size {model_cfg.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens ({tok_path}).")
-    # the mesh and batch checks need no data: refuse them before the tokenisation cache writes anything
-    try:
-        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as e:
-        raise ConfigError(f"{e} (jax platform: {jax.devices()[0].platform})") from None
-    _check_batches(cfg, phases, mesh)
     reports: list[DataReport] = []
     train_records = _read(cfg.data.train, "data.train", reports)
     if not train_records:

@@ -40,7 +40,7 @@ from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.sample import draw, prompts_of_round
 from jaxalign.pipeline.scoring import gold_scores, score_sequences
 from jaxalign.pipeline.training import lora_merged, lora_split
-from jaxalign.rules import rollout_samples_per_prompt
+from jaxalign.rules import policy_reference, rollout_prompts, rollout_samples_per_prompt
 from jaxalign.train.onpolicy_loop import Rollout, train_onpolicy
 from jaxalign.train.onpolicy_steps import OnPolicySettings, make_rollout_advantages, make_rollout_logps
 from jaxalign.train.steps import StepConfig, make_eval_rewards
@@ -108,14 +108,14 @@ def step_config(ctx: RunContext, *, base_is_reference: bool, seed: int) -> StepC
     drawn from ``seed``. ``base_is_reference``: the LoRA base with the adapters off is the reference."""
     p = ctx.cfg.policy
     if p.kind == "online_dil":
-        uses = "base" if base_is_reference else "in_step"
-        step = p.step(reference_logps=uses if p.build_objective().uses_reference else "none")
+        step = p.step(reference_logps=policy_reference(ctx.cfg, uses_reference=p.build_objective().uses_reference,
+                                                       base_is_reference=base_is_reference))
     else:
         step = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=settings(ctx))
     return step if ctx.lora is None else dataclasses.replace(step, lora=ctx.lora, seed=seed)
 
 
-class _Rollouts:
+class Rollouts:
     """``rollouts(state, step) -> Rollout``: rollout batch ``step``'s prompts (a permutation of the round's prompts per
     epoch) and sampling seed are functions of ``step``; its samples come from the state's current weights."""
 
@@ -184,7 +184,7 @@ class _Rollouts:
 def plan_rollouts(ctx: RunContext, num_rows: int) -> tuple[int, int, int]:
     """(prompts per rollout batch, rollout batches per epoch, rollout batches in the phase)."""
     p = ctx.cfg.policy
-    per = (p.rollout_batch_size or p.batch_size) // rollout_samples_per_prompt(ctx.cfg)
+    per = rollout_prompts(ctx.cfg)
     per_epoch = num_rows // per
     if per_epoch < 1:
         raise ConfigError(f"policy: {num_rows} prompts do not fill one rollout batch of {per} prompts "
@@ -212,7 +212,7 @@ def run(ctx: RunContext, phase: Phase, *, reward_fn: RewardFn | None = None) -> 
     # the mini-batch order and the rollouts' prompts and sampling seeds all derive from this seed
     rollout_seed = cfg.run.seed * 1_000_003 + phase.round * 10_007
     phase_settings = p.settings(seed=rollout_seed, run=cfg.run, reliability=cfg.reliability)
-    rollouts = _Rollouts(ctx, phase, rows, per=per, per_epoch=per_epoch, seed=rollout_seed, ref=ref, frozen=frozen,
+    rollouts = Rollouts(ctx, phase, rows, per=per, per_epoch=per_epoch, seed=rollout_seed, ref=ref, frozen=frozen,
                          reward_fn=reward_fn)
     trained = train_onpolicy(cfg=ctx.model_cfg, params=params, rollout=rollouts, phase_dir=ctx.workdir.phase(phase),
                              mesh=ctx.mesh, step_cfg=step_config(ctx, base_is_reference=base_is_reference, seed=seed),

@@ -4,6 +4,7 @@ depends on (its fingerprint), so a finished phase is skipped on re-run and a cha
     sft, eval0, [r1/sample, r1/reward, r1/policy, r1/eval], [r2/...]          (irl)
     sft?, eval0, [rk/sample, rk/policy, rk/eval]                               (spin: previous round as reference)
     sft?, eval0, policy, eval1                                                 (dil / dpo on given preference data)
+    reward                                                                     (a reward model on given pairs)
     sft, eval0, sample (SFT and initial model), reward (discriminator), eval1  (afd, Init-SFT + best-of-N)
 
 Whether the order can work is checked by ``jaxalign.config.validate``; :func:`plan` only expands it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxalign.config import Config
+from jaxalign.rules import NO_POLICY_METHODS
 
 # config sections each phase kind depends on (besides model / data / mesh / run.seed, which every phase depends on)
 SECTIONS = {
@@ -40,7 +42,8 @@ def plan(cfg: Config) -> list[Phase]:
     phases = []
     if cfg.sft.enabled:  # run.method=sft with sft.enabled=false evaluates the model as given (eval0 only)
         phases.append(Phase("sft", "sft", 0))
-    phases.append(Phase("eval0", "eval", 0))
+    if cfg.run.method not in NO_POLICY_METHODS:
+        phases.append(Phase("eval0", "eval", 0))
     if cfg.run.method == "sft":
         return phases
     for k in range(1, cfg.run.num_rounds() + 1):

@@ -19,6 +19,7 @@ from jaxalign.pipeline.modelio import load_policy, save_model
 from jaxalign.pipeline.pairs import policy_pairs
 from jaxalign.pipeline.phases import Phase
 from jaxalign.pipeline.training import final_metrics, train_phase
+from jaxalign.rules import micro_batch_size, policy_reference
 from jaxalign.train.reference import precompute_reference_logps
 
 
@@ -29,23 +30,22 @@ def run(ctx: RunContext, phase: Phase) -> dict[str, float]:
     pairs, measured = policy_pairs(ctx, phase)
     start = ctx.workdir.policy_model(phase.round - 1)
     params = load_policy(ctx, start)
-    step = cfg.policy.step()
     ref_folder = start if cfg.policy.reference == "previous" else ctx.workdir.sft_model()
     # LoRA on the reference itself: the frozen base with the adapters off is the reference, no second copy
     base_is_reference = ctx.lora is not None and str(ref_folder) == str(start)
+    step = cfg.policy.step(reference_logps=policy_reference(
+        cfg, uses_reference=cfg.policy.build_objective().uses_reference, base_is_reference=base_is_reference))
     ref_params = None
-    if step.reference_logps != "none":
+    if step.reference_logps in ("precomputed", "in_step"):
         ref_params = params if base_is_reference else load_policy(ctx, ref_folder)
     heldout = ctx.heldout_pairs
     if step.reference_logps == "precomputed":
         kw = dict(reduce=step.objective.reduce, mesh=ctx.mesh, pad_id=ctx.encoder.pad_id, buckets=ctx.buckets,
-                  batch_size=cfg.policy.batch_size // cfg.policy.accum_steps,
+                  batch_size=micro_batch_size(cfg.policy.batch_size, cfg.policy.accum_steps),
                   cache_dir=ctx.workdir.phase(phase) / "reference")
         pairs = precompute_reference_logps(ref_params, ctx.model_cfg, pairs, **kw)
         heldout = precompute_reference_logps(ref_params, ctx.model_cfg, heldout, **kw) if heldout else []
         ref_params = None
-    elif step.reference_logps == "in_step" and base_is_reference:
-        step, ref_params = cfg.policy.step(reference_logps="base"), None
     trained = train_phase(ctx, phase, cfg.policy, step, params, pairs, ref_params=ref_params, heldout=heldout)
     save_model(ctx, trained.params, phase, adapters=trained.adapters, base=start)
     return {**final_metrics(ctx, phase), **measured, "pairs": len(pairs)}

@@ -17,7 +17,7 @@ from jaxalign.data.rotation import rotating_window
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.modelio import load_policy
 from jaxalign.pipeline.phases import Phase
-from jaxalign.rules import candidates_per_prompt
+from jaxalign.rules import candidates_per_prompt, round_prompts
 from jaxalign.sampling import GenerationResult, generate_from_params
 
 
@@ -38,7 +38,7 @@ def prompts_of_round(ctx: RunContext, round_: int) -> list:
     s = ctx.cfg.sample
     # DITTO ranks this round's samples above earlier rounds' for the same prompts: its prompts stay fixed
     rotate = s.rotate and ctx.cfg.policy.pairs != "ditto"
-    return [rows[i] for i in rotating_window(len(rows), s.limit or None, round_ if rotate else 1)]
+    return [rows[i] for i in rotating_window(len(rows), round_prompts(ctx.cfg, len(rows)), round_ if rotate else 1)]
 
 
 def run(ctx: RunContext, phase: Phase) -> dict[str, float]:

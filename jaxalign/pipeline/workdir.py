@@ -18,6 +18,8 @@ Paths are ``etils.epath`` paths (orbax's own path layer), so the same code addre
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -25,7 +27,33 @@ from etils import epath
 
 from jaxalign.config import Config, ConfigError
 from jaxalign.pipeline.phases import Phase
-from jaxalign.storage import write_atomic
+from jaxalign.storage import is_remote, write_atomic
+
+
+def default_root(cfg: Config) -> str:
+    """The work directory as the recipe gives it: run.workdir (what --workdir sets), else runs/<run.name> (relative to
+    the current folder; :class:`jaxalign.pipeline.runner.Pipeline` resolves it the same way)."""
+    return cfg.run.workdir or f"runs/{cfg.run.name}"
+
+
+def check_writable(root: str, what: str = "--workdir") -> None:
+    """Refuse, before anything is read or written, a local work directory this process could not write: a file in
+    its place, a folder without write permission, or a missing folder whose nearest existing parent is a file or not
+    writable. Nothing is created here. (A bucket, gs://..., is checked by its first write.)"""
+    if is_remote(root):
+        return
+    path = Path(root).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {root} is a file, not a folder: the run writes its phases, checkpoints and report "
+                          f"into a folder there. Give a folder (a new one is created), or move the file.")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {root} cannot be created: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        where = "is not writable" if parent == path else f"cannot be created: {parent} is not writable"
+        raise ConfigError(f"{what} {root} {where} by this user; give a folder you can write (--workdir DIR).")
 
 
 class WorkDir:

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxalign.models.lora import adapter_shapes
 from jaxalign.pipeline.phases import plan as phase_plan
-from jaxalign.rules import candidates_per_prompt
+from jaxalign.rules import candidates_per_prompt, round_prompts
 
 JSON_BYTES_PER_TOKEN = 6  # up to 5 digits and ", " per token id
 MOMENTS = {"adamw": 2, "rmsprop": 1, "sgd": 0}
@@ -33,12 +33,14 @@ class DiskRow:
 
 
 def _prompts(cfg) -> tuple[int, str]:
-    """Prompts per round, and where the number comes from."""
-    if cfg.sample.limit:
-        return cfg.sample.limit, "sample.limit"
-    if cfg.data.train.limit:
-        return cfg.data.train.limit, "data.train.limit"
-    return 10_000, "per 10k prompts (the dataset's size is not in the config)"
+    """Prompts per round (:func:`jaxalign.rules.round_prompts`, as the sample phase plans them), and where the number
+    comes from."""
+    from jaxalign.plan.sampling import UNKNOWN_PROMPTS
+
+    n = round_prompts(cfg)
+    if n is None:
+        return UNKNOWN_PROMPTS, f"per {UNKNOWN_PROMPTS // 1000}k prompts (the dataset's size is not in the config)"
+    return n, "sample.limit" if n == cfg.sample.limit else "data.train.limit"
 
 
 def disk_plan(cfg, mcfg) -> list[DiskRow]:

@@ -1,5 +1,5 @@
-"""What a round costs: the sampling phases' decode batch, bytes read per step, HBM roofline fraction, tokens/s and
-hours, and a recipe round's total (sample + reward + policy + eval) from the compiled phases' estimated step times.
+"""What a round costs: the sampling phases' bytes read per decode step, HBM roofline fraction, tokens/s and hours,
+and a recipe round's total (sample + reward + policy + eval) from the compiled phases' estimated step times.
 
 Everything here is arithmetic on the compiled rows (:class:`jaxalign.plan.phases.PhaseRow`) and the config; nothing is
 compiled. The assumptions are the printed ones (:data:`ASSUMPTIONS`):
@@ -32,19 +32,7 @@ ASSUMPTIONS = ("responses run to max_new_tokens and prompts fill the prompt buck
                "that model's compiled train step")
 
 
-# ---- decode batch: the largest that fits ------------------------------------------------------------------------
-
-def largest_batch(fits, shards: int, cap: int) -> int:
-    """Largest multiple of ``shards`` up to ``max(cap, shards)`` for which the monotone ``fits(batch)`` holds, 0 if
-    none does."""
-    if not fits(shards):
-        return 0
-    lo, hi = 1, max(1, math.ceil(cap / shards))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid * shards) else (lo, mid - 1)
-    return lo * shards
-
+# ---- decode: bytes read per step --------------------------------------------------------------------------------
 
 def decode_bytes_read(mcfg, prompts: int, samples: int, prompt_len: int, cache_len: int, mesh,
                       cache_dtype=None, shared_prefix: bool = True) -> dict[str, float]:

@@ -8,8 +8,8 @@ phase holds, and where each piece lives.
   model (backbone + head), both in ``model.param_dtype``, which the rollout's forward passes use; the sampler's
   compute-dtype copies and KV cache belong to the sample row (the sampler runs between steps, not with them).
 
-online_dil uses the pair step (``policy.objective``, reference in the step): :func:`jaxalign.plan.phases.plan_train`
-plans it like any pair objective.
+online_dil uses the pair step (``policy.objective``; its reference as :func:`jaxalign.rules.policy_reference` decides,
+never precomputed): :func:`jaxalign.plan.phases.plan_train` plans it like any pair objective.
 """
 from __future__ import annotations
 
@@ -19,23 +19,24 @@ __all__ = ["REWARD_KINDS", "onpolicy_inputs", "plan_onpolicy"]
 
 
 def onpolicy_inputs(cfg, mcfg, mesh):
-    """``(step_cfg, params, frozen, batch, resident, detail)``: the step's abstract params (with LoRA: the adapters,
-    + PPO's value head) and frozen base (None without LoRA), the mini-batch, and the abstract trees resident beside
-    it (reference, reward model). With LoRA the reference is the frozen base with the adapters off (round 1 / policy.
+    """The step's abstract inputs (:class:`jaxalign.plan.phases.TrainInputs`): params (with LoRA: the adapters,
+    + PPO's value head) and frozen base (None without LoRA), the mini-batch of ``policy.batch_size`` sequences, the
+    rollout batch (:func:`jaxalign.plan.phases.rollout_batch`), and the abstract trees resident beside it
+    (reference, reward model). With LoRA the reference is the frozen base with the adapters off (round 1 / policy.
     reference=previous, as the pair plan assumes): nothing resident for it."""
     import dataclasses
 
     import jax.numpy as jnp
 
     from jaxalign.models.value import VALUE_AXES, VALUE_HEAD
-    from jaxalign.plan.phases import abstract_params, lora_split_abstract, sds
+    from jaxalign.plan.phases import TrainInputs, abstract_params, lora_split_abstract, rollout_batch, sds
     from jaxalign.sharding import batch_sharding, named_sharding
     from jaxalign.pipeline.onpolicy import settings_of
     from jaxalign.train.steps import StepConfig
 
     p = cfg.policy
     s = settings_of(cfg)
-    n = s.num_samples
+    prompts, n = rollout_batch(cfg)
 
     step_cfg = StepConfig("onpolicy", accum_steps=p.accum_steps, onpolicy=s)
     params = abstract_params(mcfg, mesh)
@@ -59,13 +60,12 @@ def onpolicy_inputs(cfg, mcfg, mesh):
                                              trainable=(VALUE_HEAD,) if p.kind == "ppo" else ())
         step_cfg = dataclasses.replace(step_cfg, lora=lora)
         resident["reference"] = {}
-    rollout = p.rollout_batch_size or p.batch_size
-    detail = (f"{p.kind}, {b} seqs x {t} tok per mini-batch, rollout {rollout} seqs ({n} per prompt), "
+    detail = (f"{p.kind}, {b} seqs x {t} tok per mini-batch, rollout {prompts * n} seqs ({prompts} prompts x {n}), "
               f"{p.inner_epochs} inner epoch(s){', value head' if p.kind == 'ppo' else ''}"
               f"{f', accum {p.accum_steps}' if p.accum_steps > 1 else ''}, remat {mcfg.remat}; "
               + (f"LoRA r={lora.rank}, the frozen base is the reference; RM resident" if lora else
                  "reference + RM resident"))
-    return step_cfg, params, frozen, batch, resident, detail
+    return TrainInputs(step_cfg, params, frozen, None, batch, detail, rollout=(prompts, n), resident=resident)
 
 
 def plan_onpolicy(cfg, mcfg, mesh, sl):
@@ -85,12 +85,14 @@ def plan_onpolicy(cfg, mcfg, mesh, sl):
     problem = batch_split_problem("policy", p.batch_size, p.accum_steps, mesh)
     if problem:
         raise PlanError(problem)
-    step_cfg, params, frozen, batch, resident, detail = onpolicy_inputs(cfg, mcfg, mesh)
+    inputs = onpolicy_inputs(cfg, mcfg, mesh)
+    step_cfg, params, frozen, batch, resident = (inputs.step_cfg, inputs.params, inputs.frozen, inputs.batch,
+                                                 inputs.resident)
     optimizer, schedule = make_optimizer(p.optim(), 1000)
     abstract = jax.eval_shape(lambda q: TrainState(jnp.zeros((), jnp.int32), q, optimizer.init(q)), params)
     shard = state_shardings(abstract, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-    row = PhaseRow("policy", detail, hbm=sl.chip.hbm)
+    row = PhaseRow("policy", inputs.detail, hbm=sl.chip.hbm)
     row.params = compiled_bytes(params) + (compiled_bytes(frozen) if frozen is not None else 0.0)
     row.opt_state = compiled_bytes(state.opt_state)
     row.reference = compiled_bytes(resident["reference"]) if resident["reference"] else 0.0

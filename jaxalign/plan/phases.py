@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from jaxalign.config import CONFIG_DIR
 from jaxalign.plan.tpu import PlanError, Slice, hbm_allocated, parse_oom
+from jaxalign.rules import micro_batch_size, policy_reference, rollout_prompts, rollout_samples_per_prompt
 
 MODELS_DIR = CONFIG_DIR / "models"  # shipped with the recipes (a wheel carries them as jaxalign/configs/models)
 # hub id -> file in configs/models (any other id is tried as <repo name lower-cased>.json)
@@ -258,6 +259,83 @@ class WhatIf:
     mu_dtype: str = ""
 
 
+@dataclasses.dataclass
+class TrainInputs:
+    """A train phase's abstract step inputs (no compile): the step config (its accum_steps splits ``batch``, one
+    optimizer step's global batch, into micro-batches inside the step), the trainable params (LoRA: the adapters),
+    the frozen base (None without LoRA) and the reference's params where the step takes them."""
+
+    step_cfg: Any
+    params: dict
+    frozen: dict | None
+    ref: dict | None
+    batch: dict
+    detail: str
+    rollout: tuple[int, int] | None = None  # on-policy kinds: (prompts, samples per prompt) of a rollout batch
+    resident: dict = dataclasses.field(default_factory=dict)  # abstract trees on the chips beside the step
+
+    @property
+    def global_batch(self) -> int:
+        return next(iter(self.batch.values())).shape[0]
+
+    @property
+    def micro_batch(self) -> int:
+        return micro_batch_size(self.global_batch, self.step_cfg.accum_steps)
+
+
+def rollout_batch(cfg) -> tuple[int, int] | None:
+    """``(prompts, samples per prompt)`` of an on-policy rollout batch (:func:`jaxalign.rules.rollout_prompts`,
+    :func:`jaxalign.rules.rollout_samples_per_prompt`); None for ``policy.kind=pairs``."""
+    return None if cfg.policy.kind == "pairs" else (rollout_prompts(cfg), rollout_samples_per_prompt(cfg))
+
+
+def train_inputs(kind: str, cfg, mcfg, mesh, what_if: WhatIf = WhatIf()) -> TrainInputs:
+    """The abstract inputs of phase ``kind`` (sft | reward | policy with a pair step: ``policy.kind`` pairs or
+    online_dil): ``{kind}.batch_size`` rows (pairs for reward / policy) split into ``{kind}.accum_steps``
+    micro-batches, and the policy step's reference as :func:`jaxalign.rules.policy_reference` decides it (round 1:
+    with LoRA the frozen base with the adapters off is the reference)."""
+    import jax.numpy as jnp
+
+    section = getattr(cfg, kind)  # sft | reward | policy
+    params = abstract_params(mcfg, mesh, reward=kind == "reward")
+    lora, frozen = cfg.model.lora.build(), None
+    if lora is not None:  # the state holds the adapters (+ the reward head); the base is a frozen step argument
+        params, frozen = lora_split_abstract(params, mcfg, mesh, lora, cfg.model.lora.base_dtype,
+                                             trainable=("score",) if kind == "reward" else ())
+    T = cfg.data.max_length
+    batch = abstract_batch("sft" if kind == "sft" else "pairs", section.batch_size, T, mesh,
+                           pack=kind == "sft" and cfg.sft.pack)
+    ref, detail, rollout = None, "", None
+    if kind != "policy":
+        step_cfg = section.step()
+    else:
+        p = cfg.policy
+        mode = policy_reference(cfg, uses_reference=p.build_objective().uses_reference,
+                                base_is_reference=lora is not None)
+        if what_if.precomputed_reference and mode in ("in_step", "base"):
+            mode = "precomputed"
+        step_cfg = p.step(reference_logps=mode)
+        if mode == "in_step":
+            ref = abstract_params(mcfg, mesh)
+        if mode == "precomputed":
+            from jaxalign.sharding import batch_sharding
+
+            batch.update({k: sds((section.batch_size,), jnp.float32, batch_sharding(mesh, 1))
+                          for k in ("ref_chosen_logps", "ref_rejected_logps")})
+        detail = f"{p.objective}, reference {'in step' if ref else mode}, "
+        rollout = rollout_batch(cfg)
+        if rollout is not None:  # online_dil: (demonstration, own sample) pairs of each rollout batch
+            detail += f"{p.kind}, rollout {rollout[0]} prompts x {rollout[1]}, "
+    if lora is not None:
+        step_cfg = dataclasses.replace(step_cfg, lora=lora)
+        base_dtype = cfg.model.lora.base_dtype or mcfg.param_dtype
+        detail += (f"LoRA r={lora.rank} ({sum(math.prod(x.shape) for x in params.values()) / 1e6:.1f}M trainable), "
+                   f"frozen base {base_dtype}, ")
+    detail += (f"{section.batch_size} {'seqs' if kind == 'sft' else 'pairs'} x {T} tok"
+               f"{f', accum {section.accum_steps}' if section.accum_steps > 1 else ''}, remat {mcfg.remat}")
+    return TrainInputs(step_cfg, params, frozen, ref, batch, detail, rollout)
+
+
 def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()) -> PhaseRow:
     import jax
     import jax.numpy as jnp
@@ -266,49 +344,16 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     from jaxalign.train.steps import make_train_step
 
     section = getattr(cfg, kind)  # sft | reward | policy
-    name = kind
-    _check_batch(name, section, mesh)
-    params = abstract_params(mcfg, mesh, reward=kind == "reward")
-    lora, frozen = cfg.model.lora.build(), None
-    if lora is not None:  # the state holds the adapters (+ the reward head); the base is a frozen step argument
-        params, frozen = lora_split_abstract(params, mcfg, mesh, lora, cfg.model.lora.base_dtype,
-                                             trainable=("score",) if kind == "reward" else ())
+    _check_batch(kind, section, mesh)
+    inputs = train_inputs(kind, cfg, mcfg, mesh, what_if)
+    step_cfg, params, frozen, ref, batch = inputs.step_cfg, inputs.params, inputs.frozen, inputs.ref, inputs.batch
     optimizer, schedule = _optimizer(section, what_if.mu_dtype)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     shard = state_shardings(abstract, mesh)
     state = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), abstract, shard)
     T = cfg.data.max_length
-    batch = abstract_batch("sft" if kind == "sft" else "pairs", section.batch_size, T, mesh,
-                           pack=kind == "sft" and cfg.sft.pack)
-    ref, detail = None, ""
-    if kind != "policy":
-        step_cfg = section.step()
-    else:
-        step_cfg = cfg.policy.step()
-        if what_if.precomputed_reference and step_cfg.reference_logps == "in_step":
-            step_cfg = cfg.policy.step(reference_logps="precomputed")
-        if lora is not None and step_cfg.reference_logps == "in_step":
-            # round 1 / policy.reference=previous: the reference is the phase's starting model, i.e. the frozen
-            # base with the adapters off (a later round against the SFT model would hold that copy too)
-            step_cfg = cfg.policy.step(reference_logps="base")
-        mode = step_cfg.reference_logps
-        if mode == "in_step":
-            ref = abstract_params(mcfg, mesh)
-        if mode == "precomputed":
-            from jaxalign.sharding import batch_sharding
-
-            batch.update({k: sds((section.batch_size,), jnp.float32, batch_sharding(mesh, 1))
-                          for k in ("ref_chosen_logps", "ref_rejected_logps")})
-        detail = f"{cfg.policy.objective}, reference {'in step' if ref else mode}, "
-    if lora is not None:
-        step_cfg = dataclasses.replace(step_cfg, lora=lora)
-        base_dtype = cfg.model.lora.base_dtype or mcfg.param_dtype
-        detail += (f"LoRA r={lora.rank} ({sum(math.prod(x.shape) for x in params.values()) / 1e6:.1f}M trainable), "
-                   f"frozen base {base_dtype}, ")
     rows_per_item = 1 if kind == "sft" else 2
-    detail += (f"{section.batch_size} {'seqs' if kind == 'sft' else 'pairs'} x {T} tok"
-               f"{f', accum {section.accum_steps}' if section.accum_steps > 1 else ''}, remat {mcfg.remat}")
-    row = PhaseRow(name, detail, hbm=sl.chip.hbm)
+    row = PhaseRow(kind, inputs.detail, hbm=sl.chip.hbm)
     row.params = compiled_bytes(params) + (compiled_bytes(frozen) if frozen is not None else 0.0)
     row.opt_state = compiled_bytes(state.opt_state)
     row.reference = row.params if ref is not None else 0.0
@@ -325,7 +370,7 @@ def plan_train(kind: str, cfg, mcfg, mesh, sl: Slice, what_if: WhatIf = WhatIf()
     ntok = section.batch_size * rows_per_item * seq / n
     row.model_flops = model_step_flops(mcfg, ntok, seq, remat=mcfg.remat,
                                        reference=ref is not None or step_cfg.reference_logps == "base",
-                                       lm_head=kind != "reward", lora=lora is not None)
+                                       lm_head=kind != "reward", lora=step_cfg.lora is not None)
     return row
 
 

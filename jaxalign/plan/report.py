@@ -7,7 +7,7 @@ import re
 from jaxalign.plan.hours import forward_seconds
 from jaxalign.plan.phases import PhaseRow
 from jaxalign.plan.tpu import GiB, Slice
-from jaxalign.rules import batch_split_problem
+from jaxalign.rules import batch_split_problem, micro_batch_size
 
 FIT_MARGIN = 0.9  # FITS below this fraction of the usable HBM, TIGHT up to 1.0
 OUTSIDE = ("train phases: nothing (the pipeline's train() donates the loaded params to the train state: "
@@ -65,15 +65,16 @@ def judge(row: PhaseRow, cfg, mesh, sl: Slice) -> None:
             pick = next((k2 for k2 in options if k2 >= want), options[-1] if options else None)
             if pick:
                 row.advice.append(f"activations take ~{_gib(acts)} GiB per chip at micro-batch "
-                                  f"{section.batch_size // k}: raise {row.phase}.accum_steps to {pick} (micro-batch "
-                                  f"{section.batch_size // pick})")
+                                  f"{micro_batch_size(section.batch_size, k)}: raise {row.phase}.accum_steps to "
+                                  f"{pick} (micro-batch {micro_batch_size(section.batch_size, pick)})")
             else:
                 copies = [f"the loaded params ({_gib(row.outside)} GiB: donate them to the train state)"] * (
                     row.outside > 0) + [f"the reference weights ({_gib(row.reference)} GiB: precompute reference "
                                         f"log-probs)"] * (row.reference > 0)
                 row.advice.append(f"activations take ~{_gib(acts)} GiB per chip and the micro-batch is already "
-                                  f"one row per batch shard ({section.batch_size // k} over {shards}): trade batch "
-                                  f"shards for mesh.tensor (activations split over heads / MLP)" +
+                                  f"one row per batch shard ({micro_batch_size(section.batch_size, k)} over "
+                                  f"{shards}): trade batch shards for mesh.tensor (activations split over heads / "
+                                  f"MLP)" +
                                   (f", or free the engine's copies: {' and '.join(copies)}" if copies else ""))
             if cfg.model.remat != "full":
                 row.advice.append(f"model.remat=full (now {cfg.model.remat}) recomputes each layer in the backward "

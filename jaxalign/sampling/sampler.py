@@ -38,6 +38,7 @@ from jaxalign.sampling.kernels import CAST_ONCE, DecodeMode, decode, prefill, us
 from jaxalign.sampling.memory import (GiB, agreed_budget_bytes, compiled_peak_bytes, default_budget_bytes,
                                       plan_batch_size, shrunk_batch)
 from jaxalign.sampling.results import GenerationResult, SamplingStats
+from jaxalign.rules import fixed_decode_batch
 from jaxalign.sharding import activate, batch_shards, global_array, named_sharding, to_host
 
 _COMPILED: dict[Any, Any] = {}
@@ -274,7 +275,7 @@ def generate_from_params(params: dict[str, Any], cfg: ModelConfig, prompts, *, m
                                      cache_len=max_prompt_bucket + out_len, num_samples=n, budget_bytes=budget,
                                      mesh=mesh, cache_dtype=cache_dtype, max_rows=max_rows, shared_prefix=shared)
     else:
-        batch_size = math.ceil(min(batch_size, n_prompts) / shards) * shards
+        batch_size = fixed_decode_batch(batch_size, n_prompts, shards)
 
     params = _place_params(params, mesh, jnp.dtype(cfg.dtype))
     param_key = tuple((k, v.shape, str(v.dtype), getattr(v, "sharding", None)) for k, v in sorted(params.items()))

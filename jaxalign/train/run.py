@@ -18,6 +18,7 @@ from jaxalign.data.loader import pad_pair_batch, pad_sft_batch, pair_dataset, sf
 from jaxalign.flops import device_peak_flops, mfu
 from jaxalign.metrics import MetricsWriter
 from jaxalign.models.config import ModelConfig
+from jaxalign.rules import micro_batch_size
 from jaxalign.train.loop import run_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.state import create_state, param_shardings
@@ -175,7 +176,7 @@ def train(
                          skip_nonfinite=settings.skip_nonfinite, extra_args=extra, mfu_fn=mfu_fn,
                          counters=counters, on_step=on_step, on_batch=on_batch,
                          evaluate=make_evaluator(cfg, step_cfg, mesh, eval_examples,
-                                                 batch_size=settings.global_batch_size // step_cfg.accum_steps,
+                                                 batch_size=micro_batch_size(settings.global_batch_size, step_cfg.accum_steps),
                                                  pad_id=pad_id, buckets=buckets, ref_params=ref_params,
                                                  frozen=frozen),
                          eval_every=eval_every)
