@@ -15,6 +15,9 @@ class Lora:
     dropout: float = 0.0  # on each adapter's input, training only
     targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # q, k, v, o, gate, up, down
     base_dtype: str = ""  # the frozen base's dtype on the devices ("" = model.param_dtype; bfloat16 halves it)
+    # a PEFT LoRA folder (adapter_config.json + safetensors) every LoRA phase starts its adapters from, e.g. the one a
+    # TRL / PEFT run starts from; its r, lora_alpha and target modules must be rank, alpha and targets ("" = fresh)
+    init_adapter: str = ""
 
     def build(self) -> LoraConfig | None:
         """The adapters' LoraConfig, or None when LoRA is off."""

@@ -181,6 +181,36 @@ def test_reads_an_adapter_peft_itself_saved(hf_dir, tmp_path):
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_training_starts_from_the_init_adapter_folder_and_refuses_another_rank(hf_dir, tmp_path):
+    """``model.lora.init_adapter``: a folder written by save_peft_adapter is accepted when model.lora declares its rank,
+    alpha and targets (in any order), and the phase's starting adapters are its arrays exactly; a folder of another
+    rank is refused when the recipe loads, in one sentence naming both."""
+    from types import SimpleNamespace
+
+    from jaxalign import config as config_lib
+    from jaxalign.config import ConfigError
+    from jaxalign.pipeline.training import start_adapters
+
+    model = from_pretrained(hf_dir("llama"))
+    lcfg = LoraConfig(rank=4, alpha=8, targets=("q", "v", "down"))
+    saved = _trained(init_adapters(model.cfg, lcfg, jax.random.PRNGKey(3)))
+    folder = save_peft_adapter(saved, lcfg, model.cfg, tmp_path / "adapter")
+    lora = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=down,v,q",
+            f"model.lora.init_adapter={folder}"]
+    cfg = config_lib.load("ultrachat_dpo", lora)
+    # the ctx fields start_adapters reads; the seed would draw fresh adapters, which must not happen here
+    ctx = SimpleNamespace(cfg=cfg, model_cfg=model.cfg, lora=cfg.model.lora.build())
+    start = start_adapters(ctx, seed=0)
+    assert sorted(start) == sorted(saved)
+    for k, v in saved.items():
+        np.testing.assert_array_equal(np.asarray(start[k]), np.asarray(v), err_msg=k)
+    with pytest.raises(ConfigError, match=r"the adapter has r=4, alpha=8 and targets q,v,down \(adapter_config.json\) "
+                                          r"but model.lora has rank=8, alpha=8 and targets down,v,q"):
+        config_lib.load("ultrachat_dpo", lora + ["model.lora.rank=8"])
+    with pytest.raises(ConfigError, match="not a usable PEFT LoRA adapter folder"):
+        config_lib.load("ultrachat_dpo", lora[:3] + [f"model.lora.init_adapter={tmp_path / 'missing'}"])
+
+
 def _sft(params, adapters, cfg, lcfg, ids):
     logits = forward(params, cfg, ids[:, :-1], lora=(adapters, lcfg))
     return sft_loss(logits, ids[:, 1:], jnp.ones(ids[:, 1:].shape))[0]

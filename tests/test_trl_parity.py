@@ -155,6 +155,52 @@ def test_dpo_follows_trl_dpo_trainer(setup, tmp_path, loss_type):
     assert abs(theirs[-1]["loss"] - theirs[0]["loss"]) > 1000 * ATOL
 
 
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 1.0  # the SimPO paper's beta; gamma off both sides' default 0.5, so the key must arrive
+# zephyr's assistant turn, and the same turn ending at its EOS (no trailing newline)
+ZEPHYR_TURN = "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+EOS_ENDED_TURN = "{{ '<|assistant|>\n'  + message['content'] + eos_token }}"
+
+
+@pytest.mark.slow
+def test_simpo_follows_trl_cpo_trainer(setup, tmp_path):
+    """SimPO (Meng et al. 2024) against TRL 1.16's ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"``,
+    ``cpo_alpha=0`` (pure SimPO: no NLL term on the chosen side) and ``simpo_gamma``: both compute
+    ``-logsig(beta (mean logp_w - mean logp_l) - gamma)`` on per-token mean log-probs, reference-free, and log
+    ``rewards/* = beta * mean logp`` and ``logps/*`` = the mean log-probs, so every metric below means the same on both
+    sides. Not compared, by definition: TRL's ``logits/chosen|rejected`` (the mean raw logit over the padded batch,
+    which jaxalign does not log) and ``nll_loss`` (0 with ``cpo_alpha=0``).
+
+    Tokens: CPOTrainer keeps TRL's pre-1.0 ``tokenize_row``, which appends EOS to a completion whose last token is not
+    EOS; zephyr's template ends the assistant turn with ``</s>\\n``, so TRL would train ``</s> \\n </s>`` where no
+    jaxalign setting does. The model folder here therefore carries the zephyr template with the assistant turn ending at
+    ``</s>``: then CPOTrainer's ids and labels equal jaxalign's, row for row (checked while writing this test, with
+    either ``data.completion_end``). CPOTrainer runs the plain transformers forward (no fused LM head), so its gradient
+    norm is plain autograd's."""
+    import shutil
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    base, pairs = setup
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    assert ZEPHYR_TURN in tok.chat_template
+    tok.chat_template = tok.chat_template.replace(ZEPHYR_TURN, EOS_ENDED_TURN)
+    tok.save_pretrained(model)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    args = trl_args(CPOConfig, tmp_path / "trl", loss_type="simpo", cpo_alpha=0.0, beta=SIMPO_BETA,
+                    simpo_gamma=SIMPO_GAMMA, max_length=512, remove_unused_columns=False)
+    theirs = trl_steps(CPOTrainer(model=str(model), args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=AutoTokenizer.from_pretrained(model)))
+    ours = jaxalign_cli(tmp_path / "jaxalign", dpo_overrides(model, pairs, "simpo", f"policy.beta={SIMPO_BETA}",
+                                                             f"policy.simpo_gamma={SIMPO_GAMMA}"), "r1_policy")
+    compare("SimPO (CPOTrainer loss_type=simpo, cpo_alpha=0)", theirs, ours, DPO_METRICS)
+    assert all(t["nll_loss"] == 0.0 for t in theirs)  # pure SimPO on TRL's side
+    assert abs(theirs[-1]["loss"] - theirs[0]["loss"]) > 1000 * ATOL
+
+
 @pytest.mark.slow
 def test_sft_follows_trl_sft_trainer(setup, tmp_path):
     """Completion-only SFT (TRL's default for prompt / completion data): the token-mean NLL over the batch."""
@@ -264,51 +310,118 @@ def test_weight_decay_falls_on_the_parameters_transformers_trainer_decays(varian
             assert (hf_name in decayed) == decays, (name, hf_name, decays)
 
 
-@pytest.mark.slow
-def test_dpo_on_smollm2_follows_trl(smollm2, setup, tmp_path):
-    """The same check on a real pretrained model and its own tokenizer: SmolLM2-135M-Instruct (ChatML, a default
-    system prompt, tied embeddings, pad == EOS == ``<|im_end|>``), fully fine-tuned, DPO sigmoid, lr 1e-5. Each side
-    runs alone in its own process (jaxalign's through ``launch/tpu_run.py``), so the two never hold a 135M-parameter
-    model, its reference and AdamW state in memory at once."""
+SMOLLM2_LR, LORA_LR = 1e-5, 1e-4
+LORA_RANK, LORA_ALPHA = 8, 16
+# every linear projection of a Llama block, in PEFT's names and in model.lora.targets' order
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def smollm2_steps(smollm2: Path, pairs: Path, out: Path, lr: float, adapter: Path | None = None
+                  ) -> tuple[list[dict], list[dict]]:
+    """``(TRL's steps, jaxalign's steps)`` of DPO sigmoid on SmolLM2-135M-Instruct at ``lr``, each side alone in its
+    own process (jaxalign's through ``launch/tpu_run.py``), so the two never hold a 135M-parameter model, its
+    reference and AdamW state in memory at once. With ``adapter`` (a PEFT folder) both train LoRA adapters that start
+    from its weights."""
     import subprocess
     import sys
 
     from tiny_recipe import LAUNCHER, subprocess_env
 
-    _, pairs = setup
     overrides = [o for o in dpo_overrides(smollm2, pairs, "dpo") if not o.startswith("policy.learning_rate")]
-    run = subprocess.run([sys.executable, str(LAUNCHER), "--workdir", str(tmp_path / "jaxalign"), *overrides,
-                          "policy.learning_rate=1e-5"], env=subprocess_env(devices=1), capture_output=True, text=True)
+    overrides.append(f"policy.learning_rate={lr}")
+    if adapter is not None:
+        overrides += [f"model.lora.rank={LORA_RANK}", f"model.lora.alpha={LORA_ALPHA}",
+                      "model.lora.targets=q,k,v,o,gate,up,down", f"model.lora.init_adapter={adapter}"]
+    run = subprocess.run([sys.executable, str(LAUNCHER), "--workdir", str(out / "jaxalign"), *overrides],
+                         env=subprocess_env(devices=1), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ours = [json.loads(line) for line in
-            (tmp_path / "jaxalign" / "phases" / "r1_policy" / "tb" / "metrics.jsonl").read_text().splitlines()]
-    ours = [r for r in ours if r.get("split") == "train"]
-    trl_run = subprocess.run([sys.executable, "-c", TRL_DPO_SCRIPT, str(smollm2), str(pairs), str(tmp_path / "trl")],
-                             env=subprocess_env(devices=1), capture_output=True, text=True)
+            (out / "jaxalign" / "phases" / "r1_policy" / "tb" / "metrics.jsonl").read_text().splitlines()]
+    trl_run = subprocess.run([sys.executable, "-c", TRL_DPO_SCRIPT, str(smollm2), str(pairs), str(out / "trl"),
+                              str(lr), str(adapter or "")], env=subprocess_env(devices=1), capture_output=True,
+                             text=True)
     assert trl_run.returncode == 0, trl_run.stderr[-3000:]
-    theirs = json.loads((tmp_path / "trl" / "steps.json").read_text())
+    theirs = json.loads((out / "trl" / "steps.json").read_text())
+    return theirs, [r for r in ours if r.get("split") == "train"]
+
+
+@pytest.mark.slow
+def test_dpo_on_smollm2_follows_trl(smollm2, setup, tmp_path):
+    """The same check on a real pretrained model and its own tokenizer: SmolLM2-135M-Instruct (ChatML, a default
+    system prompt, tied embeddings, pad == EOS == ``<|im_end|>``), fully fine-tuned, DPO sigmoid, lr 1e-5."""
+    theirs, ours = smollm2_steps(smollm2, setup[1], tmp_path, SMOLLM2_LR)
     compare("DPO on SmolLM2-135M-Instruct", theirs, ours, DPO_METRICS)
     assert theirs[-1]["rewards/margins"] > 1000 * ATOL
 
 
-# TRL's side of the SmolLM2 check, in its own process: the settings of trl_args with lr 1e-5
+@pytest.mark.slow
+def test_lora_dpo_on_smollm2_follows_trl(smollm2, setup, tmp_path):
+    """LoRA on SmolLM2-135M-Instruct: rank 8, alpha 16 on every linear projection (q, k, v, o, gate, up, down), DPO
+    sigmoid, lr 1e-4, 5 steps, both sides from the SAME initial adapter: PEFT draws it once (A random, B zero) and saves
+    it; TRL trains ``PeftModel.from_pretrained(base, folder, is_trainable=True)`` passed to ``DPOTrainer``, jaxalign
+    starts its adapters from the folder (``model.lora.init_adapter``).
+
+    The reference: TRL 1.16 handed a PeftModel takes a frozen copy of the loaded adapter (adapter ``"ref"``) as the
+    reference; jaxalign's is the frozen base with the adapters off (``reference_logps="base"``). With B = 0 both are
+    the base model exactly (the adapter's term is zero), so step 1's rewards are 0 on both sides.
+
+    Tolerance: the module's, unchanged. Only the adapters train (2.4M parameters) and the frozen 135M base is shared,
+    so the float32 regrouping differences are those of the full fine-tune check; lr 1e-4 moves the rewards further
+    (order 0.1 after 5 steps) but Adam's update is ``lr * m / sqrt(v)``, insensitive to a 1e-5 relative gradient
+    difference. A wrong starting adapter would not pass: step 1's gradient of B is ``(alpha / r) (dL/dy) (A x)^T``,
+    so the logged gradient norm already depends on A."""
+    import subprocess
+    import sys
+
+    from tiny_recipe import subprocess_env
+
+    adapter = tmp_path / "adapter"
+    made = subprocess.run([sys.executable, "-c", PEFT_ADAPTER_SCRIPT, str(smollm2), str(adapter)],
+                          env=subprocess_env(devices=1), capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    theirs, ours = smollm2_steps(smollm2, setup[1], tmp_path, LORA_LR, adapter)
+    compare("LoRA DPO on SmolLM2-135M-Instruct", theirs, ours, DPO_METRICS)
+    assert theirs[0]["rewards/margins"] == ours[0]["rewards/margins"] == 0.0  # the reference is the start, exactly
+    assert theirs[-1]["rewards/margins"] > 1000 * ATOL
+
+
+# the initial LoRA adapter, drawn once by PEFT (A: kaiming-uniform, B: zero) and saved with save_pretrained
+PEFT_ADAPTER_SCRIPT = f"""
+import sys
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+torch.manual_seed(0)
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+config = LoraConfig(r={LORA_RANK}, lora_alpha={LORA_ALPHA}, lora_dropout=0.0, target_modules={list(LORA_MODULES)},
+                    task_type="CAUSAL_LM")
+get_peft_model(base, config).save_pretrained(sys.argv[2])
+"""
+
+# TRL's side of the SmolLM2 checks, in its own process: the settings of trl_args at the given lr; with an adapter folder
+# the model is a PeftModel loaded from it, trainable, as a user resuming from an adapter passes it to DPOTrainer
 TRL_DPO_SCRIPT = """
 import json, sys
 from pathlib import Path
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 torch.set_num_threads(1)
-model, pairs, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+path, pairs, out, lr, adapter = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+model = path
+if adapter:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapter,
+                                      is_trainable=True)
 rows = [json.loads(line) for line in pairs.read_text().splitlines()]
 args = DPOConfig(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=5,
-                 learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999,
+                 learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999,
                  adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
                  gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", seed=0,
                  use_cpu=True, disable_tqdm=True, beta=0.1, loss_type=["sigmoid"], max_length=512)
 trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                     processing_class=AutoTokenizer.from_pretrained(model))
+                     processing_class=AutoTokenizer.from_pretrained(path))
 trainer.train()
 out.mkdir(parents=True, exist_ok=True)
 (out / "steps.json").write_text(json.dumps([h for h in trainer.state.log_history if "loss" in h]))

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxalign.models.config import ModelConfig, ModelConfigError
 from jaxalign.models.axes import param_axes
@@ -248,21 +249,57 @@ def save_peft_adapter(adapters: dict[str, jax.Array], lora_cfg: LoraConfig, mode
     return folder
 
 
+# PEFT's module name (the last part of its path) -> the model.lora targets that module holds
+PEFT_MODULE_TARGETS: dict[str, tuple[str, ...]] = {
+    module.split(".")[-1]: tuple(t for t, b in TARGETS.items() if b == base)
+    for base, module in (*_LLAMA_MODULES.items(), *_NEOX_MODULES.items())}
+PEFT_MODULE_TARGETS[_NEOX_QKV.split(".")[-1]] = ("q", "k", "v")
+
+
+def _adapter_config(folder: str | Path) -> dict[str, Any]:
+    """A PEFT folder's adapter_config.json, refused unless it is plain LoRA (a bucket folder is read in place)."""
+    path = epath.Path(folder) / "adapter_config.json"
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or a path no filesystem takes (a NUL byte)
+        raise ModelConfigError(f"{path}: cannot read it ({e}).") from None
+    if conf.get("peft_type") != "LORA" or conf.get("use_dora") or conf.get("fan_in_fan_out"):
+        raise ModelConfigError(f"{folder}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, "
+                               f"fan_in_fan_out false); got {conf.get('peft_type')}.")
+    return conf
+
+
+def _alpha(conf: dict[str, Any]) -> float:
+    # rsLoRA scales by alpha / sqrt(r); the same update with alpha / r needs alpha * sqrt(r)
+    return float(conf["lora_alpha"]) * (math.sqrt(int(conf["r"])) if conf.get("use_rslora") else 1.0)
+
+
+def peft_adapter_settings(folder: str | Path) -> tuple[int, float, tuple[str, ...]]:
+    """``(r, alpha, targets)`` that a PEFT LoRA folder's adapter_config.json declares, in ``LoraConfig``'s terms:
+    alpha such that the update is ``(alpha / r) B A`` (rsLoRA's ``lora_alpha / sqrt(r)`` folded in, as
+    :func:`load_peft_adapter` reads it) and the targets as ``model.lora.targets`` names, from ``target_modules``
+    (plain names, or the module paths PEFT saves for ``all-linear``). Reads only the JSON file."""
+    conf = _adapter_config(folder)
+    modules = conf.get("target_modules")
+    if not isinstance(modules, list):
+        raise ModelConfigError(f"{folder}: target_modules is {modules!r}, not a list of module names (a pattern "
+                               f"cannot be matched to model.lora.targets; PEFT saves a list when given one).")
+    names = {m.split(".")[-1] for m in modules}
+    unknown = sorted(names - PEFT_MODULE_TARGETS.keys())
+    if unknown:
+        raise ModelConfigError(f"{folder}: target_modules {unknown} are not projections jaxalign adapts (it adapts "
+                               f"{', '.join(PEFT_MODULE_TARGETS)}).")
+    held = {t for n in names for t in PEFT_MODULE_TARGETS[n]}
+    return int(conf["r"]), _alpha(conf), tuple(t for t in TARGETS if t in held)
+
+
 def load_peft_adapter(folder: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, jax.Array], LoraConfig]:
     """Read a PEFT LoRA adapter folder (ours, or PEFT's own ``save_pretrained``) into ``(adapters, lora_cfg)``."""
     from safetensors.numpy import load_file
 
     folder = Path(folder)
-    try:
-        conf = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelConfigError(f"{folder}/adapter_config.json: cannot read it ({e}).") from None
-    if conf.get("peft_type") != "LORA" or conf.get("use_dora") or conf.get("fan_in_fan_out"):
-        raise ModelConfigError(f"{folder}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, "
-                               f"fan_in_fan_out false); got {conf.get('peft_type')}.")
-    r = int(conf["r"])
-    # rsLoRA scales by alpha / sqrt(r); the same update with alpha / r needs alpha * sqrt(r)
-    alpha = float(conf["lora_alpha"]) * (math.sqrt(r) if conf.get("use_rslora") else 1.0)
+    conf = _adapter_config(folder)
+    r, alpha = int(conf["r"]), _alpha(conf)
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     modules = _NEOX_MODULES if model_cfg.family == "neox" else _LLAMA_MODULES
     pre = _layer_prefix(model_cfg)

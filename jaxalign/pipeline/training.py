@@ -11,9 +11,10 @@ import numpy as np
 
 from jaxalign.config import ConfigError, Train
 from jaxalign.metrics import read_metrics
-from jaxalign.models.lora import init_adapters, join_trainable, merge, split_trainable
+from jaxalign.models.lora import init_adapters, join_trainable, load_peft_adapter, merge, split_trainable
 from jaxalign.pipeline.context import RunContext
 from jaxalign.pipeline.phases import Phase
+from jaxalign.storage import local_copy
 from jaxalign.train.run import train
 from jaxalign.train.steps import StepConfig
 
@@ -32,8 +33,9 @@ def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig,
     """Train ``params`` (donated) on ``examples`` with ``section``'s settings; resumes from the phase's checkpoints.
     ``heldout`` (default: the context's held-out pairs, or demonstrations for SFT) gives the eval_* metrics.
 
-    With LoRA (``ctx.lora``) ``params`` become the frozen base (in ``model.lora.base_dtype``) and fresh adapters (plus
-    the reward head, which trains fully) are what the state, the optimizer and the checkpoints hold."""
+    With LoRA (``ctx.lora``) ``params`` become the frozen base (in ``model.lora.base_dtype``) and the adapters (fresh,
+    or ``model.lora.init_adapter``'s; plus the reward head, which trains fully) are what the state, the optimizer and
+    the checkpoints hold."""
     if len(examples) < section.batch_size:
         raise ConfigError(f"phase {phase.name}: {len(examples)} examples do not fill one batch of "
                           f"{phase.kind}.batch_size={section.batch_size}.")
@@ -54,16 +56,32 @@ def train_phase(ctx: RunContext, phase: Phase, section: Train, step: StepConfig,
 
 def lora_split(ctx: RunContext, params: dict[str, jax.Array], *, seed: int, trainable: tuple[str, ...] = ()
                ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """``(trainable, frozen)`` for a LoRA phase: fresh adapters drawn from ``seed`` plus the params named in
-    ``trainable`` (the reward head, PPO's value head), and the base in ``model.lora.base_dtype``. A base cast to another
-    dtype frees its master-dtype arrays at once (they were donated to the phase), so the devices never hold both."""
-    adapters = init_adapters(ctx.model_cfg, ctx.lora, jax.random.PRNGKey(seed))
+    """``(trainable, frozen)`` for a LoRA phase: the starting adapters (:func:`start_adapters`) plus the params named
+    in ``trainable`` (the reward head, PPO's value head), and the base in ``model.lora.base_dtype``. A base cast to
+    another dtype frees its master-dtype arrays at once (they were donated to the phase), so the devices never hold
+    both."""
+    adapters = start_adapters(ctx, seed)
     train, frozen = split_trainable(params, adapters, trainable=trainable,
                                     base_dtype=ctx.cfg.model.lora.base_dtype or None)
     for k, v in frozen.items():
         if params[k] is not v:
             params[k].delete()
     return train, frozen
+
+
+def start_adapters(ctx: RunContext, seed: int) -> dict[str, jax.Array]:
+    """The adapters a LoRA phase starts from: ``model.lora.init_adapter``'s PEFT folder when set (its rank, alpha and
+    targets were checked against ``model.lora`` when the recipe loaded), else fresh ones drawn from ``seed`` (A as
+    PEFT draws it, B zero). A checkpoint of the phase, when there is one, replaces either on resume."""
+    folder = ctx.cfg.model.lora.init_adapter
+    if not folder:
+        return init_adapters(ctx.model_cfg, ctx.lora, jax.random.PRNGKey(seed))
+    try:
+        adapters, _ = load_peft_adapter(local_copy(folder), ctx.model_cfg)
+    except (KeyError, ValueError) as e:  # a layer or a width this model lacks: the folder is another model's adapter
+        raise ConfigError(f"model.lora.init_adapter={folder}: its tensors do not fit model.path={ctx.cfg.model.path} "
+                          f"({e}).") from None
+    return adapters
 
 
 def lora_merged(ctx: RunContext, trainable: dict[str, jax.Array], frozen: dict[str, jax.Array]) -> Trained:
