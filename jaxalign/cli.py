@@ -78,7 +78,7 @@ def field_comments(cls) -> dict[str, str]:
 def key_choices() -> dict[str, tuple]:
     """The allowed values of the keys that have a fixed set, from the tables the config checks use (so --help and
     the checks cannot disagree)."""
-    from jaxalign import config_checks as checks
+    from jaxalign.config import checks
     from jaxalign.data.formats import FORMATS
     from jaxalign.losses import OBJECTIVES, PAIR_RULES
     from jaxalign.models.lora import TARGETS as LORA_TARGETS

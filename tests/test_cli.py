@@ -17,6 +17,7 @@ import pytest
 
 from jaxalign import cli
 from jaxalign import config as config_lib
+from jaxalign.config import schema as config_schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def _help_text(capsys) -> str:
 def _schema_comments() -> dict[str, str]:
     """key -> trailing comment, read independently of cli.field_comments: the config module's syntax tree gives each
     field's line, the source text the comment after it."""
-    source = Path(config_lib.__file__).read_text()
+    source = Path(config_schema.__file__).read_text()
     lines = source.splitlines()
     by_class: dict[str, dict[str, str]] = {}
     for node in ast.parse(source).body:
@@ -260,7 +261,7 @@ def test_installed_wheel_finds_its_packaged_recipes(wheel, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     module, recipe, name = p.stdout.split()
-    assert Path(module) == target / "jaxalign" / "config.py"
+    assert Path(module) == target / "jaxalign" / "config" / "__init__.py"
     assert Path(recipe) == target / "jaxalign" / "configs" / "demo_cpu.yaml"
     assert Path(recipe).read_text() == (REPO / "configs" / "demo_cpu.yaml").read_text()
     assert name == config_lib.load("demo_cpu").run.name

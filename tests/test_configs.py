@@ -26,7 +26,7 @@ def test_config_loads_validates_and_plans(name):
     assert phases and phases[-1].kind == "eval"
     assert cfg.run.name == name  # the default work directory is runs/<name>
     # the dump of a resolved config (run.yaml, the report) is itself a valid recipe that resolves to the same thing
-    again = config_lib._build(config_lib.Config, yaml.safe_load(config_lib.dump(cfg)), "", "dump")
+    again = config_lib.from_dict(yaml.safe_load(config_lib.dump(cfg)), "dump")
     assert again == cfg
     text = (CONFIG_DIR / f"{name}.yaml").read_text()
     assert text.lstrip().startswith("#"), "a recipe starts with a comment saying what it is and where it comes from"
@@ -210,5 +210,5 @@ def test_fuzzed_overrides_load_or_raise_config_error(name, overrides):
     except ConfigError as e:
         assert str(e)  # a message, never an empty error
         return
-    again = config_lib._build(config_lib.Config, yaml.safe_load(config_lib.dump(cfg)), "", "dump")
+    again = config_lib.from_dict(yaml.safe_load(config_lib.dump(cfg)), "dump")
     assert again == cfg  # (validation leaves no NaN in a loaded config, so equality is exact)

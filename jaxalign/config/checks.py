@@ -1,7 +1,5 @@
 """Checks of a config's values and of their combination, run when a recipe is loaded — before anything is read,
 loaded or compiled — so a run that cannot work fails in a second with every problem named, not after hours.
-
-(Kept apart from the schema in :mod:`jaxalign.config` so each file reads in one sitting.)
 """
 from __future__ import annotations
 

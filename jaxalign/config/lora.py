@@ -1,4 +1,4 @@
-"""The ``model.lora`` config section (kept apart from :mod:`jaxalign.config` so each file reads in one sitting)."""
+"""The ``model.lora`` config section: the adapters' settings, and the PEFT adapter a run may start from."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,4 @@
-"""Where recipes live and how one is read: a name in configs/ or a YAML path -> the raw mapping (kept apart from the
-schema in :mod:`jaxalign.config` so each file reads in one sitting)."""
+"""Where recipes live and how one is read: a name in configs/ or a YAML path -> the raw mapping."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,13 +7,13 @@ from typing import Any
 
 import yaml
 
-from jaxalign.config_checks import ConfigError
+from jaxalign.config.checks import ConfigError
 
 
 def _config_dir() -> Path:
     """The recipes: the top-level configs/ of a source checkout (tests, editable installs, launch/tpu_run.py), else the
     copy an installed wheel carries as the package jaxalign.configs (pyproject.toml maps configs/ there)."""
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
         return checkout / "configs"
     try:  # configs/ has no __init__.py: a namespace package, whose folder is its search location

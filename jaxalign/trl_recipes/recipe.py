@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jaxalign.config_checks import ConfigError
+from jaxalign.config.checks import ConfigError
 from jaxalign.trl_recipes.data import DATASET_KEYS, dataset_rows
 from jaxalign.trl_recipes.names import (AT_DEFAULT_LIFTED_BY, AT_DEFAULT_ONLY, DEFAULT_ALIASES, LORA_TASK_TYPES,
                                 LOSS_TYPES, NOT_APPLICABLE, REFUSED, REFUSED_TRAINERS, TRAINER_HINTS, TRAINERS,
