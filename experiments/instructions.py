@@ -48,7 +48,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sft_more": ("instructions_sft", ["model.path={sft}", f"sft.max_steps={COMPUTE_MATCHED_STEPS}"]),
     "irl_dil": ("instructions_irl", []),
     "irl_dpo": ("instructions_irl", ["policy.objective=dpo"]),
-    "oracle_dpo": ("instructions_irl", ["policy.reward=gold", "policy.objective=dpo", "run.phases=sample,policy,eval"]),
+    # the oracle trains no reward model; its policy phase's fingerprint still covers the reward section, which was
+    # the recipe's earlier one when its seed-0 round 1 ran (kept so that run resumes)
+    "oracle_dpo": ("instructions_irl", ["policy.reward=gold", "policy.objective=dpo", "run.phases=sample,policy,eval",
+                                        "reward.learning_rate=1e-4", "reward.epochs=2", "reward.save_every=8"]),
     "oracle_rloo": ("instructions_irl", ["policy.reward=gold", "policy.kind=rloo", "run.phases=policy,eval",
                                          "policy.rollout_batch_size=64"]),
     "rloo": ("instructions_irl", ["policy.kind=rloo", "policy.rollout_batch_size=64"]),

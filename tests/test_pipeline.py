@@ -482,3 +482,34 @@ def test_oracle_pairs_are_ranked_by_the_gold_program(jax_cache, tmp_path):
     assert m["rejected_gold"] == pytest.approx(gold.min(axis=1)[kept].mean(), abs=1e-6)
     assert m["rm_gold_pair_accuracy"] == 1.0  # the gold ranks its own pairs as the gold does
     assert m["rm_gold_pairs"] == sum((a != b) for g in gold for i, a in enumerate(g) for b in g[i + 1:])
+
+
+def test_a_finished_phase_survives_a_key_added_to_the_schema():
+    """Upgrading jaxalign must not invalidate finished work: a done marker recorded before a key existed still matches
+    while that key holds its default, and is refused once it does not, or when any recorded value changed. Markers
+    from before settings were recorded (hash only) are judged against the previous run.yaml's keys."""
+    import hashlib
+
+    from jaxalign import config as config_lib
+    from jaxalign.pipeline.phases import plan
+    from jaxalign.pipeline.runner import bound_sections, finished_with, settings
+
+    cfg = config_lib.load("demo_cpu", ["run.rounds=1"])
+    phase = next(p for p in plan(cfg) if p.kind == "reward")
+    recorded = settings(cfg, phase)
+    del recorded["model"]["lora"]["dropout"]  # as a marker written before the key existed
+    info = {"settings": recorded, "fingerprint": "unused"}
+    assert finished_with(info, cfg, phase, None)
+    assert not finished_with(info, config_lib.load("demo_cpu", ["run.rounds=1", "model.lora.dropout=0.1"]),
+                             phase, None)
+    assert not finished_with(info, config_lib.load("demo_cpu", ["run.rounds=1", "reward.learning_rate=0.5"]),
+                             phase, None)
+    assert finished_with(info, config_lib.load("demo_cpu", ["run.rounds=1", "policy.beta=0.5"]), phase, None)
+
+    # a hash-only marker: its hash was taken over the sections as the run.yaml of its time had them
+    old_run = config_lib.to_dict(cfg)
+    del old_run["model"]["lora"]["dropout"]
+    blob = json.dumps({s: old_run[s] for s in bound_sections(phase)}, sort_keys=True)
+    legacy = {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16] + f"-seed{cfg.run.seed}"}
+    assert finished_with(legacy, cfg, phase, old_run)
+    assert not finished_with(legacy, config_lib.load("demo_cpu", ["run.rounds=1", "reward.epochs=9"]), phase, old_run)

@@ -4,7 +4,7 @@ Layout::
 
     run.yaml                     the resolved config of the run that owns this directory
     assets/                      the demo task's generated data, tokenizer and model (run.demo_task)
-    phases/<phase>/done.json     completion marker: fingerprint, metrics, wall time
+    phases/<phase>/done.json     completion marker: the settings it ran with (and their hash), metrics, wall time
     phases/<phase>/checkpoints/  orbax (resumable training state)      phases/<phase>/tb/  tensorboard + metrics.jsonl
     phases/<phase>/model/        the phase's final model as HF safetensors (what later phases and users read)
     phases/<phase>/adapter/      model.lora: the phase's adapters in PEFT's format (model/ holds them merged)
