@@ -25,11 +25,13 @@ import textwrap
 import tokenize
 import typing
 
+from jaxalign import __version__
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 75
 
 
-# ---- the config keys for --help, read from the schema (jaxalign/config.py) -------------------------------------------
+# ---- the config keys for --help, read from the schema (jaxalign/config/schema.py) ------------------------------------
 
 _DIVIDER = re.compile(r"^-{3,}.*-{3,}$")  # "# ---- on-policy kinds ... ----": a section heading, nobody's meaning
 
@@ -205,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
                          "Open MPI) or from the JAX_* variables, nothing on one host; on: from JAX_COORDINATOR_ADDRESS,"
                          " JAX_NUM_PROCESSES, JAX_PROCESS_ID (CPU too); off: never")
     ap.add_argument("--list-configs", action="store_true", help="list the recipes with their first comment line")
+    ap.add_argument("--version", action="version", version=f"jaxalign {__version__}")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, e.g. policy.learning_rate=5e-7 (keys: see below)")
     return ap

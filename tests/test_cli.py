@@ -455,3 +455,11 @@ def test_no_pytorch_advice_from_transformers(tmp_path):
     assert p.stderr.startswith("jaxalign: error: ") and p.stderr.count("\n") == 1, p.stderr
     assert p.stdout.splitlines()[-1] == "30"  # logging.WARNING: transformers' other warnings are not hidden
     assert not (tmp_path / "w").exists()
+
+
+def test_version(capsys):
+    import jaxalign
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"jaxalign {jaxalign.__version__}"
