@@ -272,6 +272,11 @@ def test_installed_wheel_finds_its_packaged_recipes(wheel, tmp_path):
     assert p.stdout.splitlines()[0] == f"recipes in {target / 'jaxalign' / 'configs'}:"
     assert sorted(line.split()[0] for line in p.stdout.splitlines()[1:]) == \
         sorted(x.stem for x in (REPO / "configs").glob("*.yaml"))
+    p = subprocess.run([sys.executable, str(script), "--version"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("jaxalign "), p.stdout + p.stderr
+    # the typed losses API ships its PEP 561 marker
+    assert (target / "jaxalign" / "py.typed").is_file()
 
 
 def test_main_reads_sys_argv_when_called_without_arguments(monkeypatch, capsys):
