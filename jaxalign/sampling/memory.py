@@ -138,7 +138,7 @@ def compiled_peak_bytes(prefill, decode) -> int | None:
     - decode:  those same buffers (its donated arguments) + its temporaries + outputs not aliased to a donated buffer.
 
     What :func:`sampling_bytes_per_device` models from shapes (tests/test_sampling.py checks that it bounds these on
-    CPU); an accelerator's compiler may need more (the 7B plans in docs/plan.md needed about a second cache copy on
+    CPU); an accelerator's compiler may need more (the 7B plans in docs/plan_tables.md needed about a second cache copy on
     TPU), which is why the sampler checks a planned batch against this before running it."""
     pm, dm = prefill.memory_analysis(), decode.memory_analysis()
     if pm is None or dm is None:  # a backend without the analysis
