@@ -246,48 +246,42 @@ def _check_round(cfg, problems: list[str]) -> None:
     def fail(msg: str) -> None:
         problems.append(msg)
 
-    if kind != "pairs":  # the policy phase samples itself; the pair settings do not apply
-        for k in order:
-            if k not in ROUND_PHASES:
-                return fail(f"run.phases: {k!r} is not a round phase; use {', '.join(ROUND_PHASES)}")
-        if ("policy" in order and kind in REWARD_KINDS and cfg.policy.reward == "rm"
-                and "reward" not in order[: order.index("policy")]):
-            return fail(f"run.phases={text}: policy.kind={kind} optimises this round's reward model, so 'reward' "
-                        f"(after 'sample') must come before 'policy' (sample,reward,policy,eval); policy.kind="
-                        f"online_dil needs none")
-        if "reward" in order and "sample" not in order[: order.index("reward")]:
-            return fail(f"run.phases={text}: the reward phase trains on (demonstration, own sample) pairs, so "
-                        f"'sample' must come before 'reward'")
-        return None
-
-    # method / pairs mismatches first: their message names the fix better than the phase-order checks below
+    for k in order:
+        if k not in ROUND_PHASES:
+            return fail(f"run.phases: {k!r} is not a round phase; use {', '.join(ROUND_PHASES)}")
+    if len(set(order)) != len(order):
+        return fail(f"run.phases={text}: each phase may appear once per round (they share the round's directory "
+                    f"names)")
     if method == "reward":
         if "reward" not in order or {"sample", "policy"} & set(order):
             return fail(f"run.phases={text}: run.method=reward trains a reward model on data.train's preference "
                         f"pairs, so its round is 'reward' (optionally followed by 'eval'), with no sample or policy "
                         f"phase (use run.method=irl for a reward model on sampled pairs)")
         return None
-    if method in ("dil", "dpo") and pairs != "dataset":
-        return fail(f"run.method={method} trains on given preference pairs: set policy.pairs=dataset (or use "
-                    f"run.method=irl / spin for sampled pairs)")
-    if method == "spin" and pairs == "best_of_n":
-        return fail("run.method=spin pairs the demonstration with the previous iterate's sample: set "
-                    "policy.pairs=demo_vs_sample (SPIN has no reward model)")
-    for kind in order:
-        if kind not in ROUND_PHASES:
-            return fail(f"run.phases: {kind!r} is not a round phase; use {', '.join(ROUND_PHASES)}")
-    if len(set(order)) != len(order):
-        return fail(f"run.phases={text}: each phase may appear once per round (they share the round's directory "
-                    f"names)")
-    if "policy" in order:
-        before = order[: order.index("policy")]
-        if pairs in ("best_of_n", "demo_vs_sample", "ditto") and "sample" not in before:
-            return fail(f"run.phases={text}: the policy phase uses sampled responses (policy.pairs={pairs}) but no "
-                        f"sample phase comes before it in the round")
-        if pairs == "best_of_n" and cfg.policy.reward == "rm" and "reward" not in before:
-            return fail(f"run.phases={text}: policy before any reward model in the round — policy.pairs=best_of_n "
-                        f"scores samples with this round's reward model, so 'reward' must come before 'policy' "
-                        f"(IRL: sample,reward,policy,eval), or policy.reward=gold scores them with the gold metric")
+    if kind != "pairs":  # the policy phase samples itself; the pair settings do not apply
+        if ("policy" in order and kind in REWARD_KINDS and cfg.policy.reward == "rm"
+                and "reward" not in order[: order.index("policy")]):
+            return fail(f"run.phases={text}: policy.kind={kind} optimises this round's reward model, so 'reward' "
+                        f"(after 'sample') must come before 'policy' (sample,reward,policy,eval); policy.kind="
+                        f"online_dil needs none")
+    else:
+        # method / pairs mismatches first: their message names the fix better than the phase-order checks below
+        if method in ("dil", "dpo") and pairs != "dataset":
+            return fail(f"run.method={method} trains on given preference pairs: set policy.pairs=dataset (or use "
+                        f"run.method=irl / spin for sampled pairs)")
+        if method == "spin" and pairs == "best_of_n":
+            return fail("run.method=spin pairs the demonstration with the previous iterate's sample: set "
+                        "policy.pairs=demo_vs_sample (SPIN has no reward model)")
+        if "policy" in order:
+            before = order[: order.index("policy")]
+            if pairs in ("best_of_n", "demo_vs_sample", "ditto") and "sample" not in before:
+                return fail(f"run.phases={text}: the policy phase uses sampled responses (policy.pairs={pairs}) but "
+                            f"no sample phase comes before it in the round")
+            if pairs == "best_of_n" and cfg.policy.reward == "rm" and "reward" not in before:
+                return fail(f"run.phases={text}: policy before any reward model in the round — policy.pairs="
+                            f"best_of_n scores samples with this round's reward model, so 'reward' must come before "
+                            f"'policy' (IRL: sample,reward,policy,eval), or policy.reward=gold scores them with the "
+                            f"gold metric")
     if "reward" in order and "sample" not in order[: order.index("reward")]:
         return fail(f"run.phases={text}: the reward phase trains on (demonstration, own sample) pairs, so 'sample' "
                     f"must come before 'reward'")
