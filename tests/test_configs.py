@@ -212,3 +212,15 @@ def test_fuzzed_overrides_load_or_raise_config_error(name, overrides):
         return
     again = config_lib.from_dict(yaml.safe_load(config_lib.dump(cfg)), "dump")
     assert again == cfg  # (validation leaves no NaN in a loaded config, so equality is exact)
+
+
+def test_the_reward_method_rounds_are_checked():
+    """run.method=reward (a Bradley-Terry reward model on given pairs) is one 'reward' phase, with an optional 'eval':
+    a sample or policy phase, or a phase name that does not exist, is refused before anything runs."""
+    cfg = config_lib.load("hh_helpful_prefs", ["run.method=reward"])
+    assert cfg.run.round_phases(cfg.policy.kind) == ["reward"] and cfg.run.num_rounds() == 1
+    assert config_lib.load("hh_helpful_prefs", ["run.method=reward", "run.phases=reward,eval"])
+    for phases, message in (("sample,reward", "no sample or policy phase"), ("reward,policy", "no sample or policy"),
+                            ("reward,foo", "'foo' is not a round phase"), ("eval", "its round is 'reward'")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.load("hh_helpful_prefs", ["run.method=reward", f"run.phases={phases}"])
