@@ -103,7 +103,8 @@ def test_bad_input_phase_order(launcher, capsys, tmp_path, tiny):
 
 
 def test_bad_input_missing_model(launcher, capsys, tmp_path, tiny):
-    ov = _overrides("ultrachat_dil", tiny)
+    # batches that split over the 8 CPU devices here: the mesh / batch check runs first (it needs no model)
+    ov = _overrides("ultrachat_dil", tiny) + ["policy.accum_steps=1"]
     err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + [f"model.path={tmp_path / 'no_model'}"])
     assert "no_model: model folder not found" in err
     err = _run_bad(launcher, capsys, tmp_path / "w", "ultrachat_dil", ov + ["model.path="])
