@@ -477,26 +477,33 @@ def test_launcher_refuses_a_reward_recipe_key_with_exit_2(capsys, tmp_path):
     assert out.startswith("# TRL names -> jaxalign (REWARD trainer)") and "# resolved config" not in out
 
 
-# ---- end to end: the zephyr DPO recipe on a tiny model ---------------------------------------------------------------
-
-@pytest.mark.slow
-def test_zephyr_dpo_recipe_runs_end_to_end_on_a_tiny_model(shared_data, tmp_path):
+def _run_on_tiny_model(shared_data, tmp_path, recipe, overrides: list[str]) -> tuple[Path, str]:
+    """``recipe`` as written on a tiny Llama, its dataset a local folder with a train and a test split (as the hub
+    one): (work directory, the launcher's output); the run must succeed."""
     slices = tiny_recipe.write_slices(shared_data, tmp_path / "slices")
-    data = tmp_path / "prefs"  # a folder read as a dataset with a train and a test split, as the hub one
+    data = tmp_path / "prefs"
     data.mkdir()
     shutil.copy(slices["prefs_train"], data / "train.jsonl")
     shutil.copy(slices["prefs_test"], data / "test.jsonl")
     model = tiny_recipe.make_tiny_llama(tmp_path / "model")
     work = tmp_path / "run"
     overrides = [f"model_name_or_path={model}", f"model.tokenizer={shared_data / tiny_recipe.TOKENIZER}",
-                 f"dataset_name={data}", "max_length=128", "max_prompt_length=64", "per_device_train_batch_size=4",
-                 "max_steps=2", "eval_steps=1", "push_to_hub=false", "data.train.limit=32", "eval.num_prompts=8",
-                 "eval.max_new_tokens=8", "run.show_progress=false"]
-    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(ZEPHYR_DPO), "--workdir", str(work),
+                 f"dataset_name={data}", *overrides]
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(recipe), "--workdir", str(work),
                            *overrides], cwd=REPO, env=tiny_recipe.subprocess_env(tmp_path / "jax_cache"),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return work, proc.stdout
+
+
+# ---- end to end: the zephyr DPO recipe on a tiny model ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_zephyr_dpo_recipe_runs_end_to_end_on_a_tiny_model(shared_data, tmp_path):
+    work, out = _run_on_tiny_model(shared_data, tmp_path, ZEPHYR_DPO, [
+        "max_length=128", "max_prompt_length=64", "per_device_train_batch_size=4", "max_steps=2", "eval_steps=1",
+        "push_to_hub=false", "data.train.limit=32", "eval.num_prompts=8", "eval.max_new_tokens=8",
+        "run.show_progress=false"])
     assert out.index("# TRL names -> jaxalign (DPO trainer)") < out.index("# resolved config")
     assert "global = 4 per device x 1 processes x 2 accumulation" in out
     assert "replaced by" not in out and "refused" not in out
@@ -519,22 +526,9 @@ def test_zephyr_dpo_recipe_runs_end_to_end_on_a_tiny_model(shared_data, tmp_path
 def test_trl_reward_lora_example_runs_end_to_end_on_a_tiny_model(shared_data, tmp_path):
     """run.method=reward from the recipe as written: the reward phase trains the LoRA adapters and the score head on
     the train split's pairs and logs held-out metrics on the test split's pairs every eval_steps=1 steps."""
-    slices = tiny_recipe.write_slices(shared_data, tmp_path / "slices")
-    data = tmp_path / "prefs"  # a folder read as a dataset with a train and a test split, as the hub one
-    data.mkdir()
-    shutil.copy(slices["prefs_train"], data / "train.jsonl")
-    shutil.copy(slices["prefs_test"], data / "test.jsonl")
-    model = tiny_recipe.make_tiny_llama(tmp_path / "model")
-    work = tmp_path / "run"
-    overrides = [f"model_name_or_path={model}", f"model.tokenizer={shared_data / tiny_recipe.TOKENIZER}",
-                 f"dataset_name={data}", "max_length=128", "per_device_train_batch_size=4", "max_steps=2",
-                 "eval_steps=1", "data.train.limit=32", "eval.num_prompts=8", "eval.max_new_tokens=8",
-                 "run.show_progress=false"]
-    proc = subprocess.run([sys.executable, str(LAUNCHER), "--config", str(TRL_REWARD_LORA), "--workdir", str(work),
-                           *overrides], cwd=REPO, env=tiny_recipe.subprocess_env(tmp_path / "jax_cache"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-4000:]
+    work, out = _run_on_tiny_model(shared_data, tmp_path, TRL_REWARD_LORA, [
+        "max_length=128", "per_device_train_batch_size=4", "max_steps=2", "eval_steps=1", "data.train.limit=32",
+        "eval.num_prompts=8", "eval.max_new_tokens=8", "run.show_progress=false"])
     assert out.index("# TRL names -> jaxalign (REWARD trainer)") < out.index("# resolved config")
     assert "global = 4 per device x 1 processes x 1 accumulation" in out
     assert "replaced by" not in out and "refused" not in out
